@@ -1,0 +1,176 @@
+"""The `karma` command line.
+
+Every subcommand takes `--config FILE` and repeatable `--set KEY=VALUE` overrides (see
+`karma.config`). User-caused failures (`KarmaError`) print one `error: ...` line and exit 2; a
+traceback means a bug in KARMA, not in the input. Heavy imports (pandas, torch) happen inside
+the commands so `karma --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from karma.config import KarmaConfig, config_to_yaml, load_config
+from karma.errors import KarmaError
+
+app = typer.Typer(
+    help="KARMA: LLM next-interest embeddings for personalized search (train → export → serve).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Data sets: stats, prepare, features.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML or TOML config file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override, e.g. data.synthetic.n_items=1000.")]
+NameArg = Annotated[str | None, typer.Argument(help="Data set (default: data.name): synthetic, ml-100k, ml-1m, ...")]
+
+log = logging.getLogger("karma")
+
+
+def _setup(config_path: Path | None, overrides: list[str] | None) -> KarmaConfig:
+    config = load_config(config_path, overrides or [])
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    return config
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the effective configuration (defaults + file + KARMA_* env + --set) as YAML."""
+    typer.echo(config_to_yaml(load_config(config, set_ or [])), nl=False)
+
+
+@data_app.command("stats")
+def data_stats(
+    name: NameArg = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers here.")] = None,
+) -> None:
+    """Users, items, events, history lengths, popularity concentration, cold items, split sizes."""
+    from training.data.registry import load_dataset
+    from training.data.report import print_stats
+    from training.data.split import split_dataset
+    from training.data.stats import compute_stats
+
+    cfg = _setup(config, set_)
+    dataset = load_dataset(cfg, name)
+    split = split_dataset(dataset, cfg.data.min_history, cfg.data.max_history)
+    stats = compute_stats(dataset)
+    print_stats(stats, split, cfg)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {**stats.to_dict(), "split": _split_counts(split)}
+        json_out.write_text(json.dumps(payload, indent=2))
+
+
+def _split_counts(split) -> dict[str, int]:
+    return {
+        "train_examples": len(split.train_pos),
+        "valid_users": len(split.valid_pos),
+        "test_users": len(split.test_pos),
+    }
+
+
+@data_app.command("features")
+def data_features(name: NameArg = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Compute (or load from cache) the frozen item content features and save them beside the data."""
+    from training.data.registry import cache_key, load_dataset
+    from training.features import build_item_features
+
+    cfg = _setup(config, set_)
+    dataset = load_dataset(cfg, name)
+    features = build_item_features(dataset.catalog, cfg)
+    out = cfg.paths.data / cache_key(name or cfg.data.name, cfg) / "features"
+    features.save(out)
+    typer.echo(f"features: {features.matrix.shape[0]} items x {features.layout.dim} dims -> {out}")
+    for block in features.layout.blocks:
+        typer.echo(f"  {block.name}: {block.dim}")
+
+
+@app.command()
+def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """The main job on the built-in defaults, as far as it exists: data → split → features → stats."""
+    from training.data.registry import load_dataset
+    from training.data.report import print_stats
+    from training.data.split import split_dataset
+    from training.data.stats import compute_stats
+    from training.features import build_item_features
+
+    cfg = _setup(config, set_)
+    typer.echo(f"[1/4] data set '{cfg.data.name}'")
+    start = time.perf_counter()
+    dataset = load_dataset(cfg)
+    elapsed = time.perf_counter() - start
+    typer.echo(f"      {dataset.interactions.n_events:,} events, {dataset.catalog.n_items:,} items ({elapsed:.1f} s)")
+    typer.echo("[2/4] leave-one-out chronological split")
+    split = split_dataset(dataset, cfg.data.min_history, cfg.data.max_history)
+    typer.echo(f"      {_split_counts(split)}  fingerprint {split.fingerprint()[:16]}")
+    typer.echo(f"[3/4] frozen content features ({cfg.features.text_encoder})")
+    start = time.perf_counter()
+    features = build_item_features(dataset.catalog, cfg)
+    blocks = ", ".join(f"{b.name}={b.dim}" for b in features.layout.blocks)
+    typer.echo(
+        f"      {features.matrix.shape[0]:,} x {features.layout.dim} [{blocks}] ({time.perf_counter() - start:.1f} s)"
+    )
+    typer.echo("[4/4] statistics")
+    print_stats(compute_stats(dataset), split, cfg)
+    typer.echo("demo: done (train → export → serve → search join this command as they land)")
+
+
+# Commands that later issues fill in. Until then they exist (so scripts and docs can name them)
+# and say plainly that they are not there yet.
+PLANNED_COMMANDS = (
+    ("train", 3, "Train the KARMA query/item towers."),
+    ("evaluate", 3, "Full-ranking evaluation of a checkpoint."),
+    ("export", 4, "Export a checkpoint to an ONNX + FAISS bundle."),
+    ("serve", 5, "Serve a bundle over HTTP."),
+    ("bench", 6, "Serving and encoder benchmarks."),
+)
+
+
+def _planned(command: str, issue: int) -> Callable[[], None]:
+    def not_yet() -> None:
+        raise KarmaError(f"'karma {command}' is not implemented yet (tracked in issue {issue})")
+
+    return not_yet
+
+
+for _command, _issue, _help in PLANNED_COMMANDS:
+    app.command(
+        _command,
+        help=f"{_help} (issue {_issue}; not implemented yet)",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(_planned(_command, _issue))
+
+
+def main() -> None:
+    """Console entry point: one line per user-caused error, exit status 2."""
+    try:
+        app()
+    except KarmaError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Typed configuration shared by every part of KARMA.
+
+One `KarmaConfig` tree holds every knob, each with a documented default. Values come from, in
+increasing precedence:
+
+1. the defaults below,
+2. a YAML or TOML file (`--config FILE`, or the `KARMA_CONFIG` environment variable),
+3. `KARMA_<SECTION>__<KEY>` environment variables (`KARMA_DATA__NAME=ml-1m`,
+   `KARMA_DATA__SYNTHETIC__N_ITEMS=1000`),
+4. CLI overrides `--set data.name=ml-1m`.
+
+Unknown keys are errors that name the key and where it came from: a typo must never be silently
+ignored, because it would make a run quietly use a default the user meant to change.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from karma.errors import ConfigError
+
+ENV_PREFIX = "KARMA_"
+ENV_CONFIG_FILE = "KARMA_CONFIG"
+# Variables that start with the prefix but are not config keys.
+ENV_RESERVED = frozenset({ENV_CONFIG_FILE})
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are rejected, assignments re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(StrictModel):
+    """The built-in Taobao-like data set (see `training.data.synthetic`)."""
+
+    seed: int = Field(0, description="Seed; the same seed and sizes give byte-identical data.")
+    n_items: int = Field(10_000, ge=100, le=5_000_000, description="Catalog size (1k for tests, up to 1M).")
+    n_users: int = Field(2_000, ge=10, description="Number of users.")
+    n_events: int = Field(40_000, ge=100, description="Approximate total clicks; every user gets at least 3.")
+    visual_dim: int = Field(32, ge=4, le=4096, description="Width of the synthetic frozen 'visual' vector.")
+    zipf_exponent: float = Field(1.1, gt=0.0, description="Popularity skew: item weight ~ 1 / rank**exponent.")
+    popularity_shortcut: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="Share of clicks that ignore the intent and follow global popularity (the ID shortcut).",
+    )
+    cold_item_fraction: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Share of items held out of training; they occur only as test targets."
+    )
+    cold_test_fraction: float = Field(
+        0.2, ge=0.0, le=1.0, description="Share of users whose test target is a cold item."
+    )
+    interests_per_user: tuple[int, int] = Field((2, 4), description="Min and max number of latent interests per user.")
+    drift_prob: float = Field(
+        0.05, ge=0.0, le=1.0, description="Per-event chance that one of a user's interests is replaced."
+    )
+    switch_prob: float = Field(
+        0.3, ge=0.0, le=1.0, description="Per-event chance that the user switches to another of their interests."
+    )
+    candidates_per_event: int = Field(
+        16, ge=2, le=256, description="Items sampled for each search result page; the click is one of them."
+    )
+    exposed_per_event: int = Field(
+        4, ge=0, le=64, description="Shown-but-not-clicked items recorded per event (hard negatives)."
+    )
+
+
+class DataConfig(StrictModel):
+    """Which data set to load and how to split it."""
+
+    name: str = Field(
+        "synthetic",
+        description=(
+            "Data set: synthetic | ml-100k | ml-1m (optionally ml-1m:<dir>) | recbole:<dir> | "
+            "taobao-userbehavior:<csv>."
+        ),
+    )
+    min_history: int = Field(
+        1, ge=0, description="Training targets need at least this many earlier events by the same user."
+    )
+    max_history: int = Field(50, ge=1, le=4096, description="History is truncated to the newest N events.")
+    taobao_click_behaviors: list[str] = Field(
+        ["pv"], description="UserBehavior.csv behaviour types counted as clicks (pv, cart, fav, buy)."
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Built-in generator knobs.")
+
+
+class FeatureConfig(StrictModel):
+    """Frozen content features: what each item's continuous token is built from."""
+
+    text_encoder: Literal["minilm", "hashing"] = Field(
+        "minilm",
+        description="minilm: all-MiniLM-L6-v2 from its PyPI wheel (384-d); hashing: weight-free featurizer for tests.",
+    )
+    hashing_dim: int = Field(128, ge=8, le=65_536, description="Width of the hashing text featurizer.")
+    text_batch_size: int = Field(256, ge=1, description="Texts per MiniLM forward pass.")
+    max_text_tokens: int = Field(64, ge=8, le=512, description="MiniLM truncates item text to this many tokens.")
+    use_visual: bool = Field(True, description="Append the data set's visual vectors (or image features) when present.")
+    image_dir: Path | None = Field(
+        None, description="Folder of <item_id>.jpg/.png images; encoded with EfficientNet-Lite0 when set."
+    )
+    hashed_id_buckets: int = Field(
+        0, ge=0, description="Buckets for the optional hashed-ID feature (0 = off, the content-only default)."
+    )
+    threads: int = Field(2, ge=1, description="Torch intra-op threads while encoding.")
+
+
+class PathsConfig(StrictModel):
+    """Where generated data, caches and runs go."""
+
+    artifacts: Path = Field(Path("artifacts"), description="Root for data sets, feature caches, runs and bundles.")
+
+    @property
+    def data(self) -> Path:
+        return self.artifacts / "data"
+
+    @property
+    def feature_cache(self) -> Path:
+        return self.artifacts / "cache" / "features"
+
+
+class KarmaConfig(StrictModel):
+    """The whole configuration tree."""
+
+    seed: int = Field(0, description="Global seed for everything not seeded more specifically.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+    paths: PathsConfig = Field(default_factory=PathsConfig, description="Where outputs and caches go.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Data set and split.")
+    features: FeatureConfig = Field(default_factory=FeatureConfig, description="Frozen item content features.")
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            loaded: Any = tomllib.loads(text)
+        elif path.suffix.lower() in {".yaml", ".yml"}:
+            loaded = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"config file {path}: unsupported extension (use .yaml, .yml or .toml)")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        detail = str(exc).replace("\n", " ")
+        raise ConfigError(f"config file {path}: cannot parse: {detail}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _parse_scalar(raw: str) -> Any:
+    """Env/CLI values are strings; read them as YAML so `3`, `true` and `[1, 2]` get their types."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+
+
+def _check_key(parts: list[str], origin: str) -> None:
+    """Walk the schema along `parts`; raise naming the first part that is not a field."""
+    model: type[BaseModel] | None = KarmaConfig
+    for depth, part in enumerate(parts):
+        dotted = ".".join(parts[: depth + 1])
+        if model is None or part not in model.model_fields:
+            known = ", ".join(sorted(model.model_fields)) if model is not None else "(not a section)"
+            raise ConfigError(f"{origin}: unknown config key '{dotted}' (known here: {known})")
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any, str]]:
+    """`KARMA_DATA__SYNTHETIC__N_ITEMS=1000` -> (['data', 'synthetic', 'n_items'], 1000, origin)."""
+    found = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        found.append((parts, _parse_scalar(environ[name]), f"environment variable {name}"))
+    return found
+
+
+def cli_overrides(items: Sequence[str]) -> list[tuple[list[str], Any, str]]:
+    """`data.synthetic.n_items=1000` -> (['data', 'synthetic', 'n_items'], 1000, origin)."""
+    found = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. data.name=ml-100k")
+        found.append(([p.strip() for p in key.split(".")], _parse_scalar(raw), f"override '{item}'"))
+    return found
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown config key '{key}'")
+        else:
+            problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return f"{origin}: " + "; ".join(problems)
+
+
+def load_config(
+    path: Path | str | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> KarmaConfig:
+    """Build the effective config from defaults, file, environment and CLI overrides."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(ENV_CONFIG_FILE):
+        path = environ[ENV_CONFIG_FILE]
+    tree: dict[str, Any] = {}
+    origin = "config"
+    if path is not None:
+        tree = _read_file(Path(path))
+        origin = f"config file {path}"
+    try:
+        KarmaConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+    for parts, value, where in [*env_overrides(environ), *cli_overrides(overrides)]:
+        _check_key(parts, where)
+        _set_path(tree, parts, value)
+        try:
+            KarmaConfig.model_validate(tree)
+        except ValidationError as exc:
+            raise ConfigError(_format_validation_error(exc, where)) from None
+    return KarmaConfig.model_validate(tree)
+
+
+def config_to_yaml(config: KarmaConfig) -> str:
+    """The effective config as YAML, loadable again with `load_config`."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Service: FastAPI search over ONNX + FAISS with Redis history (issue: service). Must not import torch."""

@@ -1,0 +1,58 @@
+"""The `karma` command line, end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.conftest import KARMA_BIN
+
+TINY = [
+    "--set", "data.synthetic.n_items=1000",
+    "--set", "data.synthetic.n_users=200",
+    "--set", "data.synthetic.n_events=3000",
+    "--set", "features.text_encoder=hashing",
+]  # fmt: skip
+
+
+def run_karma(*args: str, env_artifacts: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [KARMA_BIN, *args, "--set", f"paths.artifacts={env_artifacts}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_demo_runs_data_split_features_stats(tmp_path: Path) -> None:
+    result = run_karma("demo", *TINY, env_artifacts=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "demo: done"):
+        assert step in out
+    assert "1,000 x 160 [text:hashing-128=128, visual:data=32]" in out
+    assert "split protocol" in out
+    # The second run reads the cached data set and features instead of regenerating them.
+    again = run_karma("demo", *TINY, env_artifacts=tmp_path)
+    assert again.returncode == 0 and "cached at" in again.stderr
+
+
+def test_features_command_writes_layout(tmp_path: Path) -> None:
+    result = run_karma("data", "features", "synthetic", *TINY, env_artifacts=tmp_path)
+    assert result.returncode == 0, result.stderr
+    layouts = list(tmp_path.glob("data/synthetic-*/features/layout.json"))
+    assert len(layouts) == 1
+
+
+def test_bad_override_is_one_line(tmp_path: Path) -> None:
+    result = run_karma("data", "stats", "--set", "data.synthetic.n_itemz=5", env_artifacts=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: override 'data.synthetic.n_itemz=5': unknown config key")
+
+
+def test_unknown_dataset_is_one_line(tmp_path: Path) -> None:
+    result = run_karma("data", "stats", "ml-20m", env_artifacts=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: unknown data set 'ml-20m'; known: synthetic, ml-100k, ml-1m, recbole:<dir>, taobao-userbehavior:<csv>"
+    )
