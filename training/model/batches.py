@@ -1,0 +1,141 @@
+"""Turn split positions into model-ready tensors.
+
+One `Batcher` serves training, the warm-up and evaluation, so the history a model is trained on
+and the history it is evaluated (and later served) with are built by the same code: newest
+`max_history` events, oldest first, left-padded so the newest item sits next to [EMB].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from karma.config import KarmaConfig
+from karma.tokenization import TextTokenizer
+from training.data.schema import Dataset
+from training.data.split import Split
+from training.features import ItemFeatures
+from training.losses import IGNORE_INDEX
+
+
+@dataclass
+class TextTargets:
+    """Target-text tokens laid out for 'prefix + text' decoding.
+
+    The decoder input after the conditioning position is `[t_1 … t_m]`; the label at the
+    conditioning position is `t_1`, at `t_i` it is `t_{i+1}`, and at `t_m` it is EOS. So
+    `labels` is one longer than `input_ids` (the extra first column belongs to the prefix).
+    """
+
+    input_ids: torch.Tensor  # (B, T) text tokens fed after the prefix
+    input_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T + 1) next-token labels from the prefix position on, -100 = ignore
+
+
+def text_targets(rows: list[list[int]], pad_id: int, eos_id: int) -> TextTargets:
+    length = max(1, max(len(r) for r in rows))
+    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    labels = np.full((len(rows), length + 1), IGNORE_INDEX, dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+        labels[i, : len(row)] = row
+        labels[i, len(row)] = eos_id
+    return TextTargets(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels))
+
+
+class Batcher:
+    """Builds query/history/target tensors for positions of a `Split`."""
+
+    def __init__(
+        self, dataset: Dataset, split: Split, features: ItemFeatures, tokenizer: TextTokenizer, config: KarmaConfig
+    ):
+        self.dataset = dataset
+        self.split = split
+        self.tokenizer = tokenizer
+        self.features = torch.from_numpy(np.ascontiguousarray(features.matrix, dtype=np.float32))
+        self.id_buckets = torch.from_numpy(features.id_buckets) if features.id_buckets is not None else None
+        self.max_query_tokens = config.model.max_query_tokens
+        self.item_text_ids = tokenizer.ids(dataset.catalog.item_text(), config.model.max_text_tokens)
+        self.visual_target = self.features[:, content_target_slice(features)]
+        self.queries = dataset.interactions.query
+
+    def history(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(items (B, L), mask (B, L)), left-padded, newest last; L >= 1."""
+        starts, ends = self.split.history_bounds(positions)
+        length = max(1, int((ends - starts).max(initial=0)))
+        items = np.zeros((len(positions), length), dtype=np.int64)
+        mask = np.zeros((len(positions), length), dtype=np.int64)
+        for row, (start, end) in enumerate(zip(starts, ends, strict=True)):
+            n = int(end - start)
+            if n:
+                items[row, length - n :] = self.split.seq_items[start:end]
+                mask[row, length - n :] = 1
+        return torch.from_numpy(items), torch.from_numpy(mask)
+
+    def query_texts(self, positions: np.ndarray) -> list[str]:
+        if self.queries is None:
+            return [""] * len(positions)
+        return [q or "" for q in self.queries[self.split.seq_events[positions]]]
+
+    def encoder_inputs(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
+        """What the served query tower takes: query ids/mask, history features/mask (+ buckets)."""
+        query_ids, query_mask = self.tokenizer.encode(self.query_texts(positions), self.max_query_tokens)
+        hist_items, hist_mask = self.history(positions)
+        inputs = {
+            "query_ids": torch.from_numpy(query_ids),
+            "query_mask": torch.from_numpy(query_mask),
+            "hist_features": self.features[hist_items],
+            "hist_mask": hist_mask,
+        }
+        if self.id_buckets is not None:
+            inputs["hist_buckets"] = self.id_buckets[hist_items]
+        return inputs
+
+    def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        inputs = {"features": self.features[items]}
+        if self.id_buckets is not None:
+            inputs["id_buckets"] = self.id_buckets[items]
+        return inputs
+
+    def texts_of(self, items: np.ndarray) -> TextTargets:
+        return text_targets(
+            [self.item_text_ids[i] for i in items], self.tokenizer.meta.pad_id, self.tokenizer.meta.eos_id
+        )
+
+    def exposed(self, positions: np.ndarray, limit: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shown-but-not-clicked items of each target event, (B, K) + mask (K >= 1)."""
+        inter = self.dataset.interactions
+        rows = [inter.exposed_of(int(e))[:limit] for e in self.split.seq_events[positions]]
+        width = max(1, max((len(r) for r in rows), default=0))
+        items = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=bool)
+        for i, r in enumerate(rows):
+            items[i, : len(r)] = r
+            mask[i, : len(r)] = True
+        return torch.from_numpy(items), torch.from_numpy(mask)
+
+    def training_batch(self, positions: np.ndarray) -> dict[str, object]:
+        targets = self.split.seq_items[positions].astype(np.int64)
+        target_t = torch.from_numpy(targets)
+        exposed, exposed_mask = self.exposed(positions)
+        return {
+            "encoder": self.encoder_inputs(positions),
+            "target_items": target_t,
+            "target_item_inputs": self.item_inputs(target_t),
+            "target_text": self.texts_of(targets),
+            "target_content": self.visual_target[target_t],
+            "exposed_items": exposed,
+            "exposed_mask": exposed_mask,
+            "exposed_inputs": self.item_inputs(exposed.reshape(-1)),
+        }
+
+
+def content_target_slice(features: ItemFeatures) -> slice:
+    """What L_img reconstructs: the visual block if the data has one, else the text-embedding block."""
+    names = [b.name for b in features.layout.blocks]
+    visual = [n for n in names if n.startswith("visual:")]
+    return features.layout.slice_of(visual[0] if visual else names[0])

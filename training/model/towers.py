@@ -1,0 +1,123 @@
+"""The two served towers: everything in this file is exported; nothing train-only lives here.
+
+Query tower (the continuous-token interface, DESIGN §1):
+
+    [q_1 … q_Lq]  [c(f_1) … c(f_L)]  [EMB]   →  decoder  →  h_t = normalize(W · hidden[EMB])
+     query text     one continuous token       learned
+     tokens         per history item           token
+
+`c(f) = projector(f) (+ id_embedding(bucket))` maps an item's frozen content features to one
+token in the LLM's embedding space. Padding may sit inside the sequence (after short queries,
+before short histories); the attention mask hides it and the position ids count only real tokens,
+so a padded row computes the same `h_t` as the unpadded one.
+
+Item tower: an MLP over the same content features (+ the same optional ID embedding), so a new
+item needs only its features to get a vector: no retraining, no re-export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ItemProjector(nn.Module):
+    """Frozen content features (F) -> one continuous token (hidden)."""
+
+    def __init__(self, feature_dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden)
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class QueryTower(nn.Module):
+    """(query ids, query mask, history features, history mask) -> unit `h_t` (B, D)."""
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        feature_dim: int,
+        hidden: int,
+        embed_dim: int,
+        id_buckets: int = 0,
+    ):
+        super().__init__()
+        self.decoder = decoder  # HF base model; its embed_tokens embeds the query text
+        self.projector = ItemProjector(feature_dim, hidden)
+        self.id_embedding = nn.Embedding(id_buckets, hidden) if id_buckets > 0 else None
+        self.emb_token = nn.Parameter(torch.randn(hidden) * 0.02)
+        self.out = nn.Linear(hidden, embed_dim, bias=False)
+
+    def item_tokens(self, features: torch.Tensor, id_buckets: torch.Tensor | None = None) -> torch.Tensor:
+        """Continuous tokens for items: (..., F) -> (..., hidden)."""
+        tokens = self.projector(features)
+        if self.id_embedding is not None and id_buckets is not None:
+            tokens = tokens + self.id_embedding(id_buckets)
+        return tokens
+
+    def build_sequence(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        hist_features: torch.Tensor,
+        hist_mask: torch.Tensor,
+        hist_buckets: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input embeddings (B, Lq+L+1, H) and attention mask (B, Lq+L+1); [EMB] is the last position."""
+        query_tokens = self.decoder.get_input_embeddings()(query_ids)
+        hist_tokens = self.item_tokens(hist_features, hist_buckets)
+        batch = query_ids.shape[0]
+        emb = self.emb_token.to(query_tokens.dtype).expand(batch, 1, -1)
+        embeds = torch.cat([query_tokens, hist_tokens.to(query_tokens.dtype), emb], dim=1)
+        ones = torch.ones(batch, 1, dtype=query_mask.dtype, device=query_mask.device)
+        mask = torch.cat([query_mask, hist_mask.to(query_mask.dtype), ones], dim=1)
+        return embeds, mask
+
+    def run_decoder(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Last hidden states; position ids count real tokens only, so padding never shifts them."""
+        position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def head(self, emb_hidden: torch.Tensor) -> torch.Tensor:
+        """hidden[EMB] (B, H) -> h_t (B, D), unit length."""
+        return F.normalize(self.out(emb_hidden).float(), dim=-1)
+
+    def forward(
+        self,
+        query_ids: torch.Tensor,
+        query_mask: torch.Tensor,
+        hist_features: torch.Tensor,
+        hist_mask: torch.Tensor,
+        hist_buckets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        embeds, mask = self.build_sequence(query_ids, query_mask, hist_features, hist_mask, hist_buckets)
+        hidden = self.run_decoder(embeds, mask)
+        return self.head(hidden[:, -1])
+
+
+class ItemTower(nn.Module):
+    """Item features (N, F) (+ ID bucket) -> unit item embeddings (N, D)."""
+
+    def __init__(self, feature_dim: int, hidden: int, embed_dim: int, id_buckets: int = 0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(feature_dim),
+            nn.Linear(feature_dim, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, embed_dim),
+        )
+        self.id_embedding = nn.Embedding(id_buckets, embed_dim) if id_buckets > 0 else None
+
+    def forward(self, features: torch.Tensor, id_buckets: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.net(features)
+        if self.id_embedding is not None and id_buckets is not None:
+            e = e + self.id_embedding(id_buckets)
+        return F.normalize(e, dim=-1)

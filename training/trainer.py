@@ -1,0 +1,272 @@
+"""The training recipe: semantic warm-up, then the action stage with the configured regularizers.
+
+Run it as `karma train` (one process) or `torchrun --nproc_per_node N -m karma.cli train`
+(data-parallel; gloo on CPU, NCCL on GPU). Every random draw of step `s` on rank `r` comes from
+generators seeded with `(seed, s, r)`, and batches come from per-epoch permutations seeded with
+`(seed, epoch)`, so a run resumed from a checkpoint replays exactly the batches, negatives and
+noise the uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from karma.config import KarmaConfig
+from karma.errors import KarmaError
+from training.checkpoint import load_optimizer, save_checkpoint
+from training.model.karma import KarmaModel, popularity_log_q
+from training.setup import Setup, build_setup, pick_device, to_device
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+METRICS_LOG = "train_log.jsonl"
+
+
+def run_dir(config: KarmaConfig) -> Path:
+    return config.paths.runs / config.train.run_name
+
+
+class DistributedContext:
+    """Rank/world from torchrun's environment; a no-op for a single process."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.active = self.world > 1
+
+    def start(self, device: torch.device) -> None:
+        if self.active and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def stop(self) -> None:
+        if self.active and dist.is_initialized():
+            dist.destroy_process_group()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def param_groups(model: KarmaModel, config: KarmaConfig) -> list[dict[str, Any]]:
+    """Backbone (decoder) at `lr_backbone`; towers, projector and heads at `lr_heads`."""
+    backbone_ids = {id(p) for p in model.query_tower.decoder.parameters()}
+    backbone, rest, seen = [], [], set()
+    for p in model.parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (backbone if id(p) in backbone_ids else rest).append(p)
+    return [
+        {"params": backbone, "lr": config.train.lr_backbone, "name": "backbone"},
+        {"params": rest, "lr": config.train.lr_heads, "name": "heads"},
+    ]
+
+
+def lr_factors(config: KarmaConfig) -> list:
+    """Per-group LR multipliers over the global step (warm-up stage first, then action stage)."""
+    t = config.train
+    warm = t.semantic_warmup_steps
+
+    def action_factor(step: int) -> float:
+        s = step - warm
+        if s < t.warmup_steps:
+            return (s + 1) / max(1, t.warmup_steps)
+        progress = (s - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def backbone(step: int) -> float:
+        return t.warmup_backbone_lr_scale if step < warm else action_factor(step)
+
+    def heads(step: int) -> float:
+        return 1.0 if step < warm else action_factor(step)
+
+    return [backbone, heads]
+
+
+class BatchSampler:
+    """Deterministic batches: permutation of the training targets per epoch, sharded by rank."""
+
+    def __init__(self, train_pos: np.ndarray, batch_size: int, seed: int, rank: int, world: int):
+        if len(train_pos) < batch_size * world:
+            raise KarmaError(
+                f"only {len(train_pos)} training examples for batch_size {batch_size} x {world} process(es)"
+            )
+        self.train_pos = train_pos
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world = world
+        self.per_epoch = len(train_pos) // (batch_size * world)
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def batch(self, index: int) -> np.ndarray:
+        """The `index`-th batch of this rank (index counts micro-batches over the whole run)."""
+        epoch, k = divmod(index, self.per_epoch)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.train_pos))
+            self._epoch = epoch
+        start = (k * self.world + self.rank) * self.batch_size
+        return self.train_pos[self._perm[start : start + self.batch_size]]
+
+
+def _scalar_logs(out: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in out.items() if k != "h" and v.dim() == 0}
+
+
+def train(
+    config: KarmaConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Train, checkpoint, evaluate on the test split; returns the final metrics.
+
+    `stop_after` ends this invocation after that global step with a checkpoint (time-boxed
+    sessions; `--resume` continues exactly where it stopped). Evaluation runs only at the real end.
+    """
+    ctx = DistributedContext()
+    device = pick_device(config.train.device, ctx.local_rank)
+    ctx.start(device)
+    out_dir = run_dir(config)
+    ckpt = out_dir / CHECKPOINT_DIR
+    resuming = resume and (ckpt / "trainer_state.json").exists()
+    if resume and not resuming:
+        log.info("no checkpoint at %s: starting from scratch", ckpt)
+    if ctx.is_main:  # build data/feature caches once before the other ranks read them
+        setup = build_setup(config, checkpoint=ckpt if resuming else None, device=device, progress=progress)
+    ctx.barrier()
+    if not ctx.is_main:
+        setup = build_setup(config, checkpoint=ckpt if resuming else None, device=device, progress=False)
+
+    model = setup.model
+    optimizer = torch.optim.AdamW(param_groups(model, config), weight_decay=config.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(config))
+    start_step = 0
+    if resuming:
+        load_optimizer(ckpt, optimizer, scheduler)
+        start_step = int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+        log.info("resumed from %s at step %d", ckpt, start_step)
+    wrapped: torch.nn.Module = model
+    if ctx.active:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+
+    t = config.train
+    total_steps = t.semantic_warmup_steps + t.steps
+    sampler = BatchSampler(setup.split.train_pos, t.batch_size, config.seed, ctx.rank, ctx.world)
+    probs, log_q_np = popularity_log_q(setup.split.seq_items[setup.split.train_pos], setup.dataset.catalog.n_items)
+    log_q = torch.from_numpy(log_q_np).to(device) if config.loss.logq_correction else None
+    warm_items = np.flatnonzero(probs > 0)  # items seen as training targets (never a cold item)
+    autocast = device.type == "cuda" and t.bf16
+
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            (out_dir / METRICS_LOG).unlink(missing_ok=True)
+    bar = tqdm(
+        range(start_step, total_steps),
+        initial=start_step,
+        total=total_steps,
+        disable=not (progress and ctx.is_main),
+        desc="train",
+    )
+    started = time.perf_counter()
+    examples = 0
+    for step in bar:
+        model.train()
+        stage = "warmup" if step < t.semantic_warmup_steps else "action"
+        rng = np.random.default_rng([config.seed, step, ctx.rank])
+        generator = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
+        logs: dict[str, float] = {}
+        for micro in range(t.grad_accum):
+            if stage == "warmup":
+                items = rng.choice(warm_items, size=t.batch_size)
+                batch = {
+                    "item_inputs": setup.batcher.item_inputs(torch.from_numpy(items)),
+                    "text": setup.batcher.texts_of(items),
+                }
+                kwargs: dict[str, Any] = {"mode": "warmup"}
+            else:
+                index = (step - t.semantic_warmup_steps) * t.grad_accum + micro
+                batch = setup.batcher.training_batch(sampler.batch(index))
+                kwargs = {"mode": "action", "log_q": log_q, "generator": generator}
+                if config.loss.sampled_negatives > 0:
+                    neg = torch.from_numpy(rng.choice(len(probs), size=config.loss.sampled_negatives, p=probs))
+                    kwargs["negatives"] = neg.to(device)
+                    kwargs["negative_inputs"] = to_device(setup.batcher.item_inputs(neg), device)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = wrapped(to_device(batch, device), **kwargs)
+            (out["total"] / t.grad_accum).backward()
+            for key, value in _scalar_logs(out).items():
+                logs[key] = logs.get(key, 0.0) + value / t.grad_accum
+            examples += t.batch_size * ctx.world
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ctx.is_main:
+            record = {"step": step + 1, "stage": stage, **logs, "grad_norm": float(grad_norm)}
+            record.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
+            with (out_dir / METRICS_LOG).open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if not k.endswith("acc")}, refresh=False)
+            if (step + 1) % t.checkpoint_every == 0 or step + 1 in {total_steps, stop_after}:
+                _save(setup, model, optimizer, scheduler, step + 1, ctx.world)
+        if t.eval_every and (step + 1) % t.eval_every == 0 and stage == "action" and ctx.is_main:
+            from training.evaluate import evaluate_setup
+
+            evaluate_setup(setup, which="valid", print_table=True, title=f"validation @ step {step + 1}")
+        if stop_after is not None and step + 1 >= stop_after:
+            break
+    elapsed = time.perf_counter() - started
+    bar.close()
+    result: dict[str, Any] = {"train_seconds": elapsed, "examples_per_second": examples / max(elapsed, 1e-9)}
+    ctx.barrier()
+    finished = stop_after is None or stop_after >= total_steps
+    if ctx.is_main and finished:
+        from training.evaluate import evaluate_setup
+        from training.plots import plot_training_curves
+
+        plot_training_curves(out_dir / METRICS_LOG, out_dir / "training_curves.png")
+        result["metrics"] = evaluate_setup(setup, which="test", print_table=True, with_baselines=True)
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+        log.info(
+            "run %s: %d steps in %.1f s (%.1f examples/s); outputs in %s",
+            t.run_name,
+            total_steps - start_step,
+            elapsed,
+            result["examples_per_second"],
+            out_dir,
+        )
+    ctx.stop()
+    return result
+
+
+def _save(setup: Setup, model: KarmaModel, optimizer: Any, scheduler: Any, step: int, world: int) -> None:
+    state = {"step": step, "preset": setup.config.loss.preset, "world_size": world}
+    save_checkpoint(
+        run_dir(setup.config) / CHECKPOINT_DIR,
+        model,
+        setup.backbone,
+        setup.config,
+        setup.features.layout,
+        state,
+        optimizer,
+        scheduler,
+    )
