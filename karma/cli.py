@@ -106,32 +106,37 @@ def data_features(name: NameArg = None, config: ConfigOpt = None, set_: SetOpt =
 
 @app.command()
 def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """The main job on the built-in defaults, as far as it exists: data → split → features → stats."""
+    """The main job on the built-in defaults: data → split → features → stats → train → evaluate."""
     from training.data.registry import load_dataset
     from training.data.report import print_stats
     from training.data.split import split_dataset
     from training.data.stats import compute_stats
     from training.features import build_item_features
+    from training.trainer import run_dir
+    from training.trainer import train as run_training
 
     cfg = _setup(config, set_)
-    typer.echo(f"[1/4] data set '{cfg.data.name}'")
+    steps = 5
+    typer.echo(f"[1/{steps}] data set '{cfg.data.name}'")
     start = time.perf_counter()
     dataset = load_dataset(cfg)
     elapsed = time.perf_counter() - start
     typer.echo(f"      {dataset.interactions.n_events:,} events, {dataset.catalog.n_items:,} items ({elapsed:.1f} s)")
-    typer.echo("[2/4] leave-one-out chronological split")
+    typer.echo(f"[2/{steps}] leave-one-out chronological split")
     split = split_dataset(dataset, cfg.data.min_history, cfg.data.max_history)
     typer.echo(f"      {_split_counts(split)}  fingerprint {split.fingerprint()[:16]}")
-    typer.echo(f"[3/4] frozen content features ({cfg.features.text_encoder})")
+    typer.echo(f"[3/{steps}] frozen content features ({cfg.features.text_encoder})")
     start = time.perf_counter()
     features = build_item_features(dataset.catalog, cfg)
     blocks = ", ".join(f"{b.name}={b.dim}" for b in features.layout.blocks)
-    typer.echo(
-        f"      {features.matrix.shape[0]:,} x {features.layout.dim} [{blocks}] ({time.perf_counter() - start:.1f} s)"
-    )
-    typer.echo("[4/4] statistics")
+    elapsed = time.perf_counter() - start
+    typer.echo(f"      {features.matrix.shape[0]:,} x {features.layout.dim} [{blocks}] ({elapsed:.1f} s)")
+    typer.echo(f"[4/{steps}] statistics")
     print_stats(compute_stats(dataset), split, cfg)
-    typer.echo("demo: done (train → export → serve → search join this command as they land)")
+    typer.echo(f"[5/{steps}] train ({cfg.model.backbone} backbone, preset {cfg.loss.preset}) and evaluate on test")
+    result = run_training(cfg)
+    typer.echo(f"      {result['examples_per_second']:.0f} training examples/s; run folder {run_dir(cfg)}")
+    typer.echo("demo: done (export → serve → search join this command as they land)")
 
 
 @app.command()
@@ -174,6 +179,24 @@ def evaluate(
             raise KarmaError(f"evaluate: only eval.* and paths.* may be overridden, not {key!r}")
     cfg = load_config(overrides=set_ or [], environ={}, base=info.config)
     evaluate_checkpoint(checkpoint, cfg, which)
+
+
+@app.command()
+def diagnose(
+    checkpoint: Annotated[Path, typer.Argument(help="A run's checkpoint folder (or the run folder).")],
+    other: Annotated[
+        Path | None, typer.Option("--other", help="A second checkpoint to compare side by side (e.g. action-only).")
+    ] = None,
+    users: Annotated[int, typer.Option("--users", min=2, help="Test users to diagnose (the first N).")] = 256,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: <run>/diagnostics[_vs_<other run>]).")
+    ] = None,
+) -> None:
+    """Collapse diagnostics: attention sinks/barcodes per layer, effective rank, L_recon fidelity, category Jaccard."""
+    from training.diagnostics import run_diagnostics
+
+    _setup(None, [])
+    run_diagnostics([checkpoint] if other is None else [checkpoint, other], n_users=users, out_dir=out)
 
 
 # Commands that later issues fill in. Until then they exist (so scripts and docs can name them)

@@ -12,6 +12,9 @@ TINY = [
     "--set", "data.synthetic.n_users=200",
     "--set", "data.synthetic.n_events=3000",
     "--set", "features.text_encoder=hashing",
+    "--set", "train.steps=4",
+    "--set", "train.semantic_warmup_steps=2",
+    "--set", "train.batch_size=16",
 ]  # fmt: skip
 
 
@@ -28,7 +31,7 @@ def test_demo_runs_data_split_features_stats(tmp_path: Path) -> None:
     result = run_karma("demo", *TINY, env_artifacts=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "demo: done"):
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "KARMA karma", "most-popular", "demo: done"):
         assert step in out
     assert "1,000 x 160 [text:hashing-128=128, visual:data=32]" in out
     assert "split protocol" in out

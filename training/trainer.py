@@ -132,7 +132,11 @@ def _scalar_logs(out: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def train(
-    config: KarmaConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None
+    config: KarmaConfig,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    evaluate_at_end: bool = True,
 ) -> dict[str, Any]:
     """Train, checkpoint, evaluate on the test split; returns the final metrics.
 
@@ -239,7 +243,7 @@ def train(
     result: dict[str, Any] = {"train_seconds": elapsed, "examples_per_second": examples / max(elapsed, 1e-9)}
     ctx.barrier()
     finished = stop_after is None or stop_after >= total_steps
-    if ctx.is_main and finished:
+    if ctx.is_main and finished and evaluate_at_end:
         from training.evaluate import evaluate_setup
         from training.plots import plot_training_curves
 
