@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ def map_layers(n_layers: int, limit: int = MAX_MAP_LAYERS) -> list[int]:
     """All layers if there are at most `limit`, else `limit` spread evenly, first and last included."""
     if n_layers <= limit:
         return list(range(n_layers))
-    return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, limit)})
+    return sorted(set(np.linspace(0, n_layers - 1, limit).round().astype(int).tolist()))
 
 
 def plot_attention_by_layer(results: Sequence[ModelDiagnostics], out_path: Path) -> dict[str, Any]:
@@ -123,9 +124,11 @@ def plot_attention_maps(results: Sequence[ModelDiagnostics], out_path: Path) -> 
             ax.axis("off")
         axes[0, 0].text(0.5, 0.5, "no users to draw", ha="center", va="center")
     else:
-        fig.colorbar(image, ax=axes, shrink=0.8, label="attention (head mean, sqrt scale)")
+        shrink = min(0.8, 1.4 / n_rows + 0.1)
+        fig.colorbar(image, ax=axes, shrink=shrink, aspect=25, label="attention (head mean, sqrt scale)")
     names = " vs ".join(r.name for r in results)
-    fig.suptitle(f"Attention maps (rows = query positions, columns = key positions): {names}", fontsize=10)
+    title = f"Attention maps (rows = query positions, columns = key positions): {names}"
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 11)), fontsize=9)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=100)
     plt.close(fig)

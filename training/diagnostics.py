@@ -143,8 +143,10 @@ def first_valid_index(valid: Tensor) -> Tensor:
 
 def first_token_mass(probs: Tensor, valid: Tensor) -> Tensor:
     """Mass on the first valid key: probs (..., S), valid (..., S) -> (...)."""
-    first = first_valid_index(valid)
-    return probs.float().gather(-1, first.unsqueeze(-1)).squeeze(-1)
+    first = first_valid_index(valid).unsqueeze(-1)
+    probs = probs.float()
+    first = first.expand(*probs.shape[:-1], 1) if first.dim() == probs.dim() else first
+    return probs.gather(-1, first).squeeze(-1)
 
 
 def row_consistency(attn: Tensor, rows: Tensor, keys: Tensor) -> Tensor:
@@ -322,7 +324,11 @@ def attention_pass(setup: Setup, positions: np.ndarray) -> AttentionPass:
     position_ids = (mask.long().cumsum(dim=1) - 1).clamp(min=0)  # as QueryTower.run_decoder
     with eager_attention(qt.decoder):
         out = qt.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False, output_attentions=True
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=False,
+            output_attentions=True,
         )
     if not out.attentions:
         raise KarmaError(f"{type(qt.decoder).__name__} returned no attention weights with output_attentions=True")
