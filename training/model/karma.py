@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from karma.config import KarmaConfig, LossConfig
-from training.losses import in_batch_negatives, lm_loss, pairwise_logistic_loss, sampled_softmax_loss, token_accuracy
+from training.losses import (
+    IGNORE_INDEX,
+    in_batch_negatives,
+    lm_loss,
+    pairwise_logistic_loss,
+    sampled_softmax_loss,
+    token_accuracy,
+)
 from training.model.backbone import Backbone
 from training.model.batches import TextTargets
 from training.model.heads import TrainOnlyHeads
@@ -91,8 +98,18 @@ class KarmaModel(nn.Module):
         ones = torch.ones(prefix.shape[:2], dtype=text.input_mask.dtype, device=prefix.device)
         mask = torch.cat([ones, text.input_mask], dim=1)
         hidden = qt.run_decoder(embeds, mask)
-        logits = self.heads.lm_head(hidden[:, prefix.shape[1] - 1 :])
-        return lm_loss(logits, text.labels), token_accuracy(logits.detach(), text.labels)
+        return self.text_loss(hidden[:, prefix.shape[1] - 1 :], text.labels)
+
+    def text_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """LM cross-entropy (and token accuracy) of `labels` (B, T) from hidden states (B, T, H).
+
+        The LM head runs only on positions with a label: with SmolLM2's 49k vocabulary the logits
+        of padding positions would otherwise dominate the step time.
+        """
+        valid = labels != IGNORE_INDEX
+        logits = self.heads.lm_head(hidden[valid]).unsqueeze(0)
+        picked = labels[valid].unsqueeze(0)
+        return lm_loss(logits, picked), token_accuracy(logits.detach(), picked)
 
     def semantic_warmup_loss(
         self, item_inputs: dict[str, torch.Tensor], text: TextTargets
@@ -152,8 +169,7 @@ class KarmaModel(nn.Module):
             out["act"] = pairwise_logistic_loss(h, pos_emb, neg, neg_mask)
         total = out["act"]
         if w.gen > 0:
-            logits = self.heads.lm_head(hidden[:, emb_pos:])
-            out["gen"] = lm_loss(logits, text.labels)
+            out["gen"], _ = self.text_loss(hidden[:, emb_pos:], text.labels)
             total = total + w.gen * out["gen"]
         if w.recon > 0:
             prefix = self.heads.recon_prefix(h).unsqueeze(1).to(embeds.dtype)
