@@ -59,3 +59,23 @@ def test_unknown_dataset_is_one_line(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "error: unknown data set 'ml-20m'; known: synthetic, ml-100k, ml-1m, recbole:<dir>, taobao-userbehavior:<csv>"
     )
+
+
+def test_evaluate_a_checkpoint_and_refuse_architecture_overrides(tmp_path: Path) -> None:
+    trained = run_karma("train", *TINY, "--preset", "action-only", env_artifacts=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = tmp_path / "runs" / "default" / "checkpoint"
+    result = subprocess.run(
+        [KARMA_BIN, "evaluate", str(checkpoint), "--which", "valid", "--set", "eval.max_users=50"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "KARMA action-only" in result.stdout and "split=valid" in result.stdout and "users=50" in result.stdout
+    assert (checkpoint.parent / "eval_valid.json").exists()
+    refused = subprocess.run(
+        [KARMA_BIN, "evaluate", str(checkpoint), "--set", "model.embed_dim=8"], capture_output=True, text=True
+    )
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "error: evaluate: only eval.* and paths.* may be overridden, not 'model.embed_dim'"
