@@ -1,1 +1,10 @@
-"""Export: strips the train-only heads and writes the ONNX bundle (issue: export)."""
+"""Export: checkpoint -> bundle (ONNX query/item encoders with the train-only heads stripped, FAISS index, manifest).
+
+    export.bundle_writer.export_checkpoint(checkpoint, out_dir, index=..., exporter=...)  the whole export
+    export.onnx_export.build_served_towers / export_encoders / graph_structure           served graphs
+    export.parity.check_parity(bundle_dir, setup_or_checkpoint)                           PyTorch vs ORT
+    export.index.build_index(embeddings, "flat" | "hnsw" | "ivfpq", params)               FAISS
+
+The bundle schema and its validating loader live in `karma.bundle` (torch-free, shared with the service).
+Importing this package imports nothing heavy; the submodules import torch.
+"""

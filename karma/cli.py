@@ -199,10 +199,62 @@ def diagnose(
     run_diagnostics([checkpoint] if other is None else [checkpoint, other], n_users=users, out_dir=out)
 
 
+@app.command("export")
+def export_bundle(
+    checkpoint: Annotated[Path, typer.Argument(help="A run's checkpoint folder (artifacts/runs/NAME/checkpoint).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (atomically).")],
+    index: Annotated[str, typer.Option(help="FAISS index: flat (exact, default), hnsw or ivfpq.")] = "flat",
+    index_param: Annotated[
+        list[str] | None, typer.Option("--index-param", help="Index parameter, e.g. nprobe=32 (repeatable).")
+    ] = None,
+    exporter: Annotated[str, typer.Option(help="ONNX exporter: torchscript (opset 17) or dynamo (opset 18).")] = (
+        "torchscript"
+    ),
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's tested one).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle folder.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Export a checkpoint to a bundle: ONNX query/item encoders (heads stripped), FAISS index, manifest."""
+    from export.bundle_writer import export_checkpoint
+    from export.index import parse_index_params
+
+    _setup(None, [])
+    result = export_checkpoint(
+        checkpoint,
+        out,
+        index=index,
+        index_params=parse_index_params(index_param or []),
+        exporter=exporter,
+        opset=opset,
+        overrides=set_ or [],
+        force=force,
+    )
+    m = result.manifest
+    typer.echo(f"bundle {result.directory}  model_version {m.model_version}  ({result.seconds:.1f} s)")
+    typer.echo(
+        f"  {m.onnx.exporter} exporter, opset {m.onnx.opset}; dims F={m.dims.feature_dim} D={m.dims.embed_dim} "
+        f"hidden={m.dims.hidden}; {m.n_items:,} items; index {m.index.type} {m.index.params or ''}".rstrip()
+    )
+    for name, size in sorted(result.file_sizes().items()):
+        typer.echo(f"  {name:<24} {size:>12,} bytes")
+    served = m.served_parameters
+    dropped = sum(d.parameters for d in m.dropped)
+    typer.echo(
+        f"  served parameters: query tower {served['query_tower']:,} + item tower {served['item_tower']:,}; "
+        f"dropped (train-only): {dropped:,} in {', '.join(d.module for d in m.dropped) or 'nothing'}"
+    )
+    if m.parity:
+        q, i = m.parity["query"], m.parity["item"]
+        typer.echo(
+            f"  parity vs PyTorch ({q['cases']} query + {i['cases']} item cases, batch {m.parity['batch_sizes']}, "
+            f"history {m.parity['history_lengths']}): max |diff| query {q['max_abs_diff']:.1e} item "
+            f"{i['max_abs_diff']:.1e}; min cosine {min(q['min_cosine'], i['min_cosine']):.7f}"
+        )
+
+
 # Commands that later issues fill in. Until then they exist (so scripts and docs can name them)
 # and say plainly that they are not there yet.
 PLANNED_COMMANDS = (
-    ("export", 4, "Export a checkpoint to an ONNX + FAISS bundle."),
     ("serve", 5, "Serve a bundle over HTTP."),
     ("bench", 6, "Serving and encoder benchmarks."),
 )
