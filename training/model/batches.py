@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from karma.config import KarmaConfig
+from karma.featurize import pad_histories
 from karma.tokenization import TextTokenizer
 from training.data.schema import Dataset
 from training.data.split import Split
@@ -64,16 +65,10 @@ class Batcher:
         self.queries = dataset.interactions.query
 
     def history(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(items (B, L), mask (B, L)), left-padded, newest last; L >= 1."""
+        """(items (B, L), mask (B, L)), left-padded, newest last; L >= 1 (same code as the service)."""
         starts, ends = self.split.history_bounds(positions)
-        length = max(1, int((ends - starts).max(initial=0)))
-        items = np.zeros((len(positions), length), dtype=np.int64)
-        mask = np.zeros((len(positions), length), dtype=np.int64)
-        for row, (start, end) in enumerate(zip(starts, ends, strict=True)):
-            n = int(end - start)
-            if n:
-                items[row, length - n :] = self.split.seq_items[start:end]
-                mask[row, length - n :] = 1
+        rows = [self.split.seq_items[start:end] for start, end in zip(starts, ends, strict=True)]
+        items, mask = pad_histories(rows, self.split.max_history)
         return torch.from_numpy(items), torch.from_numpy(mask)
 
     def query_texts(self, positions: np.ndarray) -> list[str]:
