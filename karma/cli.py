@@ -116,7 +116,7 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     from training.trainer import train as run_training
 
     cfg = _setup(config, set_)
-    steps = 5
+    steps = 6
     typer.echo(f"[1/{steps}] data set '{cfg.data.name}'")
     start = time.perf_counter()
     dataset = load_dataset(cfg)
@@ -136,7 +136,46 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(f"[5/{steps}] train ({cfg.model.backbone} backbone, preset {cfg.loss.preset}) and evaluate on test")
     result = run_training(cfg)
     typer.echo(f"      {result['examples_per_second']:.0f} training examples/s; run folder {run_dir(cfg)}")
-    typer.echo("demo: done (export → serve → search join this command as they land)")
+    typer.echo(f"[6/{steps}] export the served towers to an ONNX + FAISS bundle and search it")
+    bundle_dir = cfg.paths.artifacts / "bundles" / cfg.train.run_name
+    _demo_export_and_search(run_dir(cfg) / "checkpoint", bundle_dir, dataset, split)
+    typer.echo("demo: done (the HTTP service joins this command when it lands)")
+
+
+def _demo_export_and_search(checkpoint: Path, bundle_dir: Path, dataset, split) -> None:
+    """Export, reload the bundle as the service will, and rank one test user's next item."""
+    import numpy as np
+
+    from export.bundle_writer import export_checkpoint
+    from karma.bundle import load_bundle
+    from karma.featurize import history_features, pad_histories
+
+    result = export_checkpoint(checkpoint, bundle_dir, force=True)
+    parity = result.manifest.parity["query"]["max_abs_diff"]
+    typer.echo(f"      {bundle_dir}  model_version {result.manifest.model_version}  parity max|Δh| {parity:.1e}")
+    bundle = load_bundle(bundle_dir)
+    sessions = bundle.open_sessions()
+    position = int(split.test_pos[0])
+    history = split.seq_items[split.user_offsets[split.seq_users[position]] : position]
+    query = dataset.interactions.query[split.seq_events[position]] if dataset.interactions.query is not None else ""
+    ids, mask = bundle.tokenizer.encode([query or ""], bundle.manifest.max_query_tokens)
+    items, hist_mask = pad_histories([history], bundle.manifest.max_history)
+    h = sessions.encode_query(
+        {
+            "query_ids": ids,
+            "query_mask": mask,
+            "hist_features": history_features(bundle.item_features, items),
+            "hist_mask": hist_mask,
+        }
+    )
+    scores, rows = bundle.index.search(np.ascontiguousarray(h, dtype=np.float32), 5)
+    titles = bundle.items.iloc[rows[0]]
+    target = dataset.catalog.item_ids[split.seq_items[position]]
+    typer.echo(f"      query {query!r}, {len(history)} history items; next item actually clicked: {target}")
+    for score, (_, row) in zip(scores[0], titles.iterrows(), strict=True):
+        label = row.get("title", "")
+        mark = "  <- the clicked item" if row["item_id"] == target else ""
+        typer.echo(f"        {score:6.3f}  {row['item_id']}  {label}{mark}")
 
 
 @app.command()

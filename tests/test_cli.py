@@ -31,7 +31,18 @@ def test_demo_runs_data_split_features_stats(tmp_path: Path) -> None:
     result = run_karma("demo", *TINY, env_artifacts=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]", "KARMA karma", "most-popular", "demo: done"):
+    for step in (
+        "[1/6]",
+        "[2/6]",
+        "[3/6]",
+        "[4/6]",
+        "[5/6]",
+        "[6/6]",
+        "parity",
+        "KARMA karma",
+        "most-popular",
+        "demo: done",
+    ):
         assert step in out
     assert "1,000 x 160 [text:hashing-128=128, visual:data=32]" in out
     assert "split protocol" in out
