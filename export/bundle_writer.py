@@ -119,6 +119,7 @@ def export_checkpoint(
     progress: bool = False,
 ) -> ExportResult:
     """Export `checkpoint` into the bundle folder `out_dir` (see the module docstring)."""
+    from export.cost import served_cost
     from export.index import build_index, default_params, write_index
     from export.onnx_export import build_served_towers, export_encoders
     from export.parity import check_parity
@@ -204,6 +205,9 @@ def export_checkpoint(
             dropped=towers.dropped,
             served_parameters={**towers.parameters, "checkpoint_total": towers.checkpoint_parameters},
             parity=parity,
+            cost=served_cost(
+                towers, features.matrix, tok.vocab_size, config.model.max_query_tokens, config.data.max_history
+            ),
         )
         (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
         load_bundle(staging)  # never publish a bundle the loader would refuse

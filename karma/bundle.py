@@ -148,6 +148,9 @@ class Manifest(_Strict):
     dropped: list[DroppedTensor]
     served_parameters: dict[str, int]
     parity: dict[str, Any] | None = None
+    cost: dict[str, Any] | None = Field(
+        None, description="FLOPs of one reference request (export.cost): query_flops, item_flops_per_item."
+    )
 
     @property
     def layout(self) -> FeatureLayout:

@@ -291,6 +291,60 @@ def export_bundle(
         )
 
 
+@app.command()
+def compare(
+    bundle_a: Annotated[Path, typer.Argument(help="Baseline bundle, e.g. the action-only export.")],
+    bundle_b: Annotated[Path, typer.Argument(help="Bundle to compare, e.g. the karma export.")],
+    requests: Annotated[int, typer.Option(help="Interleaved timed requests per bundle.")] = 300,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full report here.")] = None,
+) -> None:
+    """Zero-added-serving-cost report: served graphs, parameters, FLOPs and latency of two bundles.
+
+    Exits 1 when the served graphs differ in anything but weight values.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from export.compare import compare_bundles
+
+    _setup(None, [])
+    report = compare_bundles(bundle_a, bundle_b, requests=requests)
+    a, b = report["a"]["preset"], report["b"]["preset"]
+    table = Table(title=f"served cost: {a} ({bundle_a}) vs {b} ({bundle_b})")
+    for col in ("", a, b):
+        table.add_column(col, justify="right")
+    for name, graph in report["graphs"].items():
+        table.add_row(f"{name} nodes", str(graph["a"]["nodes"]), str(graph["b"]["nodes"]))
+        table.add_row(f"{name} parameters", f"{graph['a']['parameters']:,}", f"{graph['b']['parameters']:,}")
+        table.add_row(
+            f"{name} distinct ops", str(len(graph["a"]["op_histogram"])), str(len(graph["b"]["op_histogram"]))
+        )
+    cost_a, cost_b = report["cost"]["a"] or {}, report["cost"]["b"] or {}
+    table.add_row("query FLOPs / request", f"{cost_a.get('query_flops', 0):,}", f"{cost_b.get('query_flops', 0):,}")
+    table.add_row(
+        "item FLOPs / item", f"{cost_a.get('item_flops_per_item', 0):,}", f"{cost_b.get('item_flops_per_item', 0):,}"
+    )
+    dropped = report["dropped_train_only_parameters"]
+    table.add_row("train-only parameters dropped", f"{dropped['a']:,}", f"{dropped['b']:,}")
+    lat = report["latency"]
+    table.add_row("query encoder p50 ms", f"{lat['a']['p50_ms']:.3f}", f"{lat['b']['p50_ms']:.3f}")
+    table.add_row("query encoder p99 ms", f"{lat['a']['p99_ms']:.3f}", f"{lat['b']['p99_ms']:.3f}")
+    Console(width=140).print(table)
+    typer.echo(
+        f"latency ratio {b}/{a}: p50 {lat['p50_ratio_b_over_a']:.3f}, p99 {lat['p99_ratio_b_over_a']:.3f} "
+        f"({lat['requests']} interleaved requests each, batch 1, {lat['history_items']} history items, "
+        "ONNX Runtime CPU, 1 thread)"
+    )
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2, default=str))
+    if report["identical_served_graphs"]:
+        typer.echo("served graphs identical in structure, parameter count and FLOPs: zero added serving cost")
+    else:
+        typer.echo("served graphs DIFFER: " + "; ".join(report["differences"]), err=True)
+        raise typer.Exit(1)
+
+
 # Commands that later issues fill in. Until then they exist (so scripts and docs can name them)
 # and say plainly that they are not there yet.
 PLANNED_COMMANDS = (

@@ -277,3 +277,34 @@ def test_force_never_replaces_a_folder_that_is_not_a_bundle(exported: dict, tmp_
 def test_bundle_module_does_not_import_torch() -> None:
     code = "import sys, karma.bundle; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---- zero added serving cost -------------------------------------------------------------------------
+
+
+def test_compare_reports_identical_served_cost_for_action_only_and_karma(exported: dict, tmp_path: Path) -> None:
+    out = tmp_path / "compare.json"
+    a, b = exported["action-only"]["bundle"], exported["karma"]["bundle"]
+    result = CliRunner().invoke(app, ["compare", str(a), str(b), "--requests", "20", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "zero added serving cost" in result.output
+    report = json.loads(out.read_text())
+    assert report["identical_served_graphs"] and report["differences"] == []
+    cost_a, cost_b = report["cost"]["a"], report["cost"]["b"]
+    assert cost_a["query_flops"] == cost_b["query_flops"] > 0
+    assert cost_a["item_flops_per_item"] == cost_b["item_flops_per_item"] > 0
+    # karma trained more train-only parameters (the flow head) and all of them were dropped
+    assert report["dropped_train_only_parameters"]["b"] > report["dropped_train_only_parameters"]["a"]
+    assert report["latency"]["requests"] == 20 and report["latency"]["p50_ratio_b_over_a"] > 0
+
+
+def test_compare_fails_when_the_served_architecture_differs(exported: dict, tmp_path: Path) -> None:
+    config = load_config(
+        overrides=[*tiny_train_overrides(tmp_path), "model.embed_dim=16", "train.run_name=narrow"], environ={}
+    )
+    train(config, progress=False, evaluate_at_end=False)
+    narrow = tmp_path / "bundle-narrow"
+    export_checkpoint(run_dir(config) / CHECKPOINT_DIR, narrow)
+    result = CliRunner().invoke(app, ["compare", str(exported["karma"]["bundle"]), str(narrow), "--requests", "5"])
+    assert result.exit_code == 1
+    assert "served graphs DIFFER" in result.output and "initializers differ" in result.output
