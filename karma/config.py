@@ -216,6 +216,50 @@ class PathsConfig(StrictModel):
         return self.artifacts / "runs"
 
 
+class ServeConfig(StrictModel):
+    """The HTTP search service (`karma serve`, `service.app.create_app`)."""
+
+    bundle: Path | None = Field(None, description="Bundle folder to serve (`karma serve --bundle DIR` sets it).")
+    host: str = Field("127.0.0.1", description="Interface `karma serve` binds to (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=1, le=65_535, description="TCP port `karma serve` listens on.")
+    providers: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="ONNX Runtime execution provider: auto = CUDA when ORT has it, else CPU."
+    )
+    intra_op_threads: int = Field(
+        1, ge=1, le=256, description="ONNX Runtime intra-op threads (explicit; never ORT's all-cores default)."
+    )
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most requests encoded and searched in one batch.")
+    max_batch_wait_ms: float = Field(
+        2.0,
+        ge=0.0,
+        le=1000.0,
+        description=(
+            "Longest a forming batch waits for more requests once others are queued; a lone request at low "
+            "load is dispatched at once."
+        ),
+    )
+    queue_size: int = Field(
+        256, ge=1, description="Requests that may wait for the encoder; beyond it /search answers 429."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 (queue full) and 503.")
+    max_body_bytes: int = Field(
+        65_536, ge=256, description="Larger request bodies are refused with 413 before they are parsed."
+    )
+    max_query_chars: int = Field(512, ge=1, le=100_000, description="Longest query text accepted (characters).")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding per-user click histories.")
+    redis_key_prefix: str = Field("karma:", description="Prefix of every Redis key the service writes.")
+    redis_timeout_s: float = Field(
+        0.5, gt=0.0, description="Connect and command timeout for Redis; a slower Redis counts as down."
+    )
+    ready_requires_redis: bool = Field(
+        True, description="/readyz fails while Redis is down (searches that carry a history still work)."
+    )
+    drain_timeout_s: float = Field(
+        10.0, ge=0.0, description="On shutdown, wait this long for in-flight requests before stopping."
+    )
+    access_log: bool = Field(True, description="One JSON log line per request (with its request id).")
+
+
 class KarmaConfig(StrictModel):
     """The whole configuration tree."""
 
@@ -228,6 +272,7 @@ class KarmaConfig(StrictModel):
     loss: LossConfig = Field(default_factory=LossConfig, description="Training objective and presets.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and checkpoints.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation protocol.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="HTTP search service.")
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -1,1 +1,12 @@
-"""Service: FastAPI search over ONNX + FAISS with Redis history (issue: service). Must not import torch."""
+"""Service: FastAPI search over ONNX + FAISS with Redis history (issue 5). Must not import torch.
+
+Numerical libraries start their thread pools when first imported; on a small machine ~40 server
+threads each with its own BLAS pool cut throughput ~20x (DESIGN §8). Importing this package before
+numpy keeps them single-threaded unless the environment says otherwise; ONNX Runtime gets its
+intra-op threads explicitly from `serve.intra_op_threads`.
+"""
+
+import os
+
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")

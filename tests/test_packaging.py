@@ -54,6 +54,6 @@ def test_karma_shared_package_does_not_import_torch() -> None:
 
 
 def test_unimplemented_commands_say_so_in_one_line() -> None:
-    result = subprocess.run([KARMA_BIN, "serve"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([KARMA_BIN, "bench"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: 'karma serve' is not implemented yet (tracked in issue 5)"
+    assert result.stderr.strip() == "error: 'karma bench' is not implemented yet (tracked in issue 6)"

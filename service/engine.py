@@ -1,0 +1,160 @@
+"""The compute core: a loaded bundle turned into "item ids -> rows" and "batch of jobs -> top-k".
+
+`Engine.run_batch` is what the micro-batching worker calls in its single executor thread: it
+tokenises all queries of the batch, builds the history tensors with the shared featurizer
+(`karma.featurize`, the layout training used), runs the ONNX query encoder once and FAISS once for
+the whole batch, then applies each request's exclusions and k. Nothing here touches the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from karma.bundle import QUERY_BUCKETS_INPUT, Bundle, EncoderSessions, load_bundle
+from karma.errors import KarmaError
+from karma.featurize import history_features, pad_histories
+
+log = logging.getLogger("karma.service")
+
+
+@dataclass
+class Job:
+    """One /search request as the encoder sees it (item ids already resolved to rows)."""
+
+    query: str
+    history: np.ndarray  # int64 rows, oldest first, at most max_history
+    k: int
+    exclude: np.ndarray  # int64 unique rows to leave out of the results
+    enqueued: float = 0.0  # perf_counter at submit
+
+
+@dataclass
+class JobResult:
+    rows: np.ndarray  # int64 item rows, best first
+    scores: np.ndarray  # float32
+    batch_size: int
+    seconds: dict[str, float] = field(default_factory=dict)  # queue, featurize, encode, search
+
+
+def select_providers(choice: str) -> list[str]:
+    """'auto' -> CUDA when this onnxruntime build has it, else CPU; 'cuda' insists on CUDA."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if choice == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if choice == "cuda":
+        raise KarmaError(f"serve.providers=cuda, but this onnxruntime offers only {available}")
+    return ["CPUExecutionProvider"]
+
+
+class Engine:
+    """A validated bundle with open ONNX Runtime sessions and its FAISS index."""
+
+    def __init__(self, bundle: Bundle, sessions: EncoderSessions):
+        if bundle.index is None:
+            raise KarmaError(f"bundle {bundle.directory}: loaded without its FAISS index")
+        self.bundle = bundle
+        self.sessions = sessions
+        self.manifest = bundle.manifest
+        self.max_history = bundle.manifest.max_history
+        self.max_query_tokens = bundle.manifest.max_query_tokens
+        self.n_items = bundle.manifest.n_items
+        self.item_ids: list[str] = [str(i) for i in bundle.items["item_id"].tolist()]
+        self.row_of: dict[str, int] = {item: row for row, item in enumerate(self.item_ids)}
+        self.titles: list[str | None] | None = None
+        if "title" in bundle.items.columns:
+            self.titles = [None if t is None else str(t) for t in bundle.items["title"].tolist()]
+        self._features = np.ascontiguousarray(bundle.item_features, dtype=np.float32)
+        self._buckets = bundle.item_id_buckets
+        inputs = {i.name for i in self.manifest.onnx.query_encoder.inputs}
+        self._needs_buckets = QUERY_BUCKETS_INPUT in inputs
+        if self._needs_buckets and self._buckets is None:
+            raise KarmaError(f"bundle {bundle.directory}: the query encoder needs hist_buckets but there are none")
+
+    @classmethod
+    def load(cls, directory: Path | str, providers: list[str], intra_op_threads: int) -> Engine:
+        bundle = load_bundle(directory, check_graphs=False)  # open_sessions checks the graphs' I/O
+        sessions = bundle.open_sessions(providers, intra_op_threads=intra_op_threads, inter_op_threads=1)
+        return cls(bundle, sessions)
+
+    @property
+    def model_version(self) -> str:
+        return self.manifest.model_version
+
+    @property
+    def parameters(self) -> int:
+        served = self.manifest.served_parameters
+        return int(served.get("query_tower", 0) + served.get("item_tower", 0))
+
+    @property
+    def flops_per_request(self) -> int | None:
+        cost = getattr(self.manifest, "cost", None)
+        if isinstance(cost, dict) and "query_flops" in cost:
+            return int(cost["query_flops"])
+        return None
+
+    # ---- the batch path (executor thread) -------------------------------------------------------
+
+    def feeds(self, queries: list[str], histories: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The query encoder's inputs for a batch, built exactly as training builds them."""
+        query_ids, query_mask = self.bundle.tokenizer.encode(queries, self.max_query_tokens)
+        items, mask = pad_histories(histories, self.max_history)
+        feeds = {
+            "query_ids": query_ids,
+            "query_mask": query_mask,
+            "hist_features": history_features(self._features, items),
+            "hist_mask": mask,
+        }
+        if self._needs_buckets:
+            feeds[QUERY_BUCKETS_INPUT] = np.ascontiguousarray(self._buckets[items], dtype=np.int64)
+        return feeds
+
+    def run_batch(self, jobs: list[Job]) -> list[JobResult]:
+        started = time.perf_counter()
+        feeds = self.feeds([j.query for j in jobs], [j.history for j in jobs])
+        featurized = time.perf_counter()
+        h = self.sessions.encode_query(feeds)
+        encoded = time.perf_counter()
+        k_search = min(self.n_items, max(j.k + len(j.exclude) for j in jobs))
+        scores, rows = self.bundle.index.search(np.ascontiguousarray(h, dtype=np.float32), k_search)
+        results = []
+        for i, job in enumerate(jobs):
+            keep = rows[i] >= 0  # FAISS pads with -1 when it finds fewer than asked
+            if len(job.exclude):
+                keep &= ~np.isin(rows[i], job.exclude)
+            kept = np.flatnonzero(keep)[: job.k]
+            results.append(JobResult(rows[i][kept], scores[i][kept], len(jobs)))
+        searched = time.perf_counter()
+        shared = {
+            "featurize": featurized - started,
+            "encode": encoded - featurized,
+            "search": searched - encoded,
+        }
+        for job, result in zip(jobs, results, strict=True):
+            result.seconds = {"queue": max(0.0, started - job.enqueued), **shared}
+        return results
+
+    def probe(self) -> dict[str, Any]:
+        """A real inference (query + one history item) and a top-1 search; raises if anything is off."""
+        start = time.perf_counter()
+        job = Job(query="probe", history=np.zeros(1, dtype=np.int64), k=1, exclude=np.zeros(0, dtype=np.int64))
+        feeds = self.feeds([job.query], [job.history])
+        h = self.sessions.encode_query(feeds)
+        if h.shape != (1, self.manifest.dims.embed_dim) or not np.isfinite(h).all():
+            raise KarmaError(f"probe inference returned {h.shape} with non-finite values: the encoder is broken")
+        norm = float(np.linalg.norm(h))
+        if abs(norm - 1.0) > 1e-3:
+            raise KarmaError(f"probe embedding has norm {norm:.4f}, expected 1 (unit length)")
+        scores, rows = self.bundle.index.search(h.astype(np.float32), 1)
+        if rows[0, 0] < 0 or not np.isfinite(scores[0, 0]):
+            raise KarmaError("probe search found nothing: the index is empty or broken")
+        return {"ms": round((time.perf_counter() - start) * 1000, 3)}

@@ -1,0 +1,155 @@
+"""Every error the service returns, mapped in one place to `{"error", "type", "field"}`.
+
+| status | type | when |
+|---|---|---|
+| 404 | `not_found` | no such route |
+| 405 | `method_not_allowed` | wrong HTTP method |
+| 413 | `payload_too_large` | body over `serve.max_body_bytes` (refused before parsing) |
+| 422 | `invalid_json` | malformed JSON, or a body that is not UTF-8 |
+| 422 | `validation_error` | wrong types, missing fields, `k` out of range, junk in a query, nothing to search with |
+| 422 | `unknown_items` | `/events` item not in the bundle; `/search` history with no known item and no query |
+| 429 | `queue_full` | the encoder queue is full (with `Retry-After`) |
+| 503 | `not_ready` | starting up or draining |
+| 503 | `redis_unavailable` | the request needs Redis and Redis is down (with `Retry-After`) |
+| 500 | `internal_error` | a bug: logged with its traceback; never caused by client input |
+
+Each rejection is counted in `karma_rejected_total{reason=<type>}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+log = logging.getLogger("karma.service")
+
+_HTTP_TYPES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "queue_full",
+    503: "not_ready",
+}
+
+
+class ServiceError(Exception):
+    """An expected failure with its HTTP status, error type and (optionally) the request field at fault."""
+
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+        self.extra = extra or {}
+
+
+def error_body(message: str, type_: str, field: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"error": message, "type": type_, "field": field, **extra}
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str,
+    field: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> Response:
+    """A JSON error response (built by hand so it also works outside FastAPI, in the ASGI middleware)."""
+    content = json.dumps(error_body(message, type_, field, **extra), ensure_ascii=False).encode()
+    return Response(content, status_code=status, headers=headers, media_type="application/json")
+
+
+def _count(request: Request, reason: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejected.labels(reason=reason).inc()
+
+
+def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """('body', 'history', 3) -> 'history[3]'; ('body', 12) (a JSON position) -> 'body'."""
+    parts = list(loc)
+    if parts and parts[0] in {"body", "query", "path", "header"}:
+        source, parts = parts[0], parts[1:]
+    else:
+        source = None
+    name = ""
+    for part in parts:
+        if isinstance(part, int):
+            if name:  # a list index; a bare int right after 'body' is a JSON character position
+                name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
+    return name or source
+
+
+def _validation_message(err: dict[str, Any], field: str | None) -> tuple[str, str]:
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        detail = (err.get("ctx") or {}).get("error", "")
+        where = err["loc"][1] if len(err.get("loc", ())) > 1 else None
+        at = f" at character {where}" if isinstance(where, int) else ""
+        return f"malformed JSON{at}: {detail}".rstrip(": "), "invalid_json"
+    if kind == "missing" and field in {None, "body"}:
+        return "a JSON request body is required", "validation_error"
+    if kind == "extra_forbidden":
+        return f"unknown field '{field}'", "validation_error"
+    msg = str(err.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    return (f"{field}: {msg}" if field else msg), "validation_error"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers; unexpected exceptions are turned into typed 500s by the ASGI middleware."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> Response:
+        _count(request, exc.type)
+        return error_response(exc.status, exc.message, exc.type, exc.field, exc.headers, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errors = list(exc.errors())
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        field = _field_of(first.get("loc", ()))
+        message, type_ = _validation_message(first, field)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+        _count(request, type_)
+        return error_response(422, message, type_, field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        status = exc.status_code
+        type_ = _HTTP_TYPES.get(status, "http_error")
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        field = None
+        if status == 404:
+            detail = f"no route {request.method} {request.url.path}"
+        elif status == 400 and detail == "There was an error parsing the body":
+            # FastAPI's answer to a body json.loads cannot decode (e.g. bytes that are not UTF-8):
+            # the same kind of client error as malformed JSON, so the same status and type.
+            status, type_, field = 422, "invalid_json", "body"
+            detail = "the request body is not valid UTF-8 JSON"
+        _count(request, type_)
+        return error_response(status, detail, type_, field, dict(exc.headers or {}))

@@ -1,0 +1,250 @@
+"""The HTTP endpoints. Each handler is thin: validate, read Redis if needed, hand work to the batcher."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Path, Request
+from starlette.responses import Response
+
+from service.batching import BatcherStopped, QueueFull
+from service.engine import Job
+from service.errors import ServiceError, error_response
+from service.history import RedisUnavailable
+from service.metrics import CONTENT_TYPE
+from service.schemas import (
+    ERROR_RESPONSES,
+    MAX_ID_CHARS,
+    EventRequest,
+    EventResponse,
+    HistoryResponse,
+    SearchRequest,
+    SearchResponse,
+    check_text,
+)
+from service.state import ServiceState
+
+router = APIRouter()
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+UserIdPath = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="The user's id.")]
+
+
+def _svc(request: Request) -> ServiceState:
+    return request.app.state.svc
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def _redis_down(svc: ServiceState, exc: RedisUnavailable) -> ServiceError:
+    return ServiceError(
+        503,
+        "redis_unavailable",
+        f"user history store (Redis) is unavailable: {exc}; requests that carry 'history' still work",
+        headers={"Retry-After": str(svc.config.retry_after_s)},
+    )
+
+
+def _user_id(user_id: str) -> str:
+    try:
+        return check_text(user_id, "user_id")
+    except ValueError as exc:
+        raise ServiceError(422, "validation_error", str(exc), "user_id") from None
+
+
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    responses=ERROR_RESPONSES,
+    summary="Top-k items for a query and/or a click history",
+)
+async def search(body: SearchRequest, request: Request) -> Response:
+    """Encode (query, history) into h_t with the ONNX query tower (micro-batched), then FAISS top-k.
+
+    Without `history`, the user's history is read from Redis by `user_id` (503 if Redis is down).
+    Stage timings come back in `timings_ms` and as `X-<Stage>-Time` headers (milliseconds).
+    """
+    svc = _svc(request)
+    engine, batcher = svc.serving()
+    config = svc.config
+    started = request.scope["state"]["t0"]
+
+    query = (body.query or "").strip()
+    if len(query) > config.max_query_chars:
+        raise ServiceError(
+            422,
+            "validation_error",
+            f"query is {len(query)} characters, over the {config.max_query_chars} limit",
+            "query",
+        )
+
+    t = time.perf_counter()
+    from_redis = body.history is None and body.user_id is not None
+    if body.history is not None:
+        ids: list[str] = body.history
+    elif body.user_id is not None:
+        try:
+            ids = [e.item_id for e in await svc.history.read(body.user_id, engine.max_history)]
+        except RedisUnavailable as exc:
+            raise _redis_down(svc, exc) from None
+    else:
+        ids = []
+    history_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    row_of = engine.row_of
+    rows: list[int] = []
+    unknown: dict[str, None] = {}
+    for item in ids:
+        row = row_of.get(item)
+        if row is None:
+            unknown[item] = None
+        else:
+            rows.append(row)
+    truncated = max(0, len(rows) - engine.max_history)
+    used = rows[truncated:]
+    if not used and not query:
+        if unknown:
+            raise ServiceError(
+                422,
+                "unknown_items",
+                f"none of the {len(ids)} history item(s) is in the catalog (first: {next(iter(unknown))!r}) "
+                "and there is no query",
+                "history",
+            )
+        if from_redis:
+            raise ServiceError(
+                422, "validation_error", f"user {body.user_id!r} has no stored history and there is no query", "query"
+            )
+        raise ServiceError(
+            422,
+            "validation_error",
+            "nothing to search with: give a query, a history, or a user_id with history",
+            "query",
+        )
+    exclude = np.unique(np.asarray(rows, dtype=np.int64)) if body.exclude_history and rows else _EMPTY
+    job = Job(query=query, history=np.asarray(used, dtype=np.int64), k=body.k, exclude=exclude)
+    resolve_s = time.perf_counter() - t
+
+    try:
+        result = await batcher.submit(job)
+    except QueueFull as exc:
+        raise ServiceError(
+            429, "queue_full", f"{exc}; retry later", headers={"Retry-After": str(config.retry_after_s)}
+        ) from None
+    except BatcherStopped as exc:
+        raise ServiceError(503, "not_ready", str(exc), headers={"Retry-After": str(config.retry_after_s)}) from None
+
+    item_ids, titles = engine.item_ids, engine.titles
+    items = [
+        {"item_id": item_ids[r], "score": s, "title": titles[r] if titles is not None else None}
+        for r, s in zip(result.rows.tolist(), result.scores.tolist(), strict=True)
+    ]
+    seconds = {
+        "history": history_s,
+        "featurize": resolve_s + result.seconds["featurize"],
+        "queue": result.seconds["queue"],
+        "encode": result.seconds["encode"],
+        "search": result.seconds["search"],
+    }
+    seconds["total"] = time.perf_counter() - started
+    svc.metrics.observe_stages(seconds)
+    timings = {stage: round(value * 1000, 4) for stage, value in seconds.items()}
+    payload = {
+        "items": items,
+        "model_version": engine.model_version,
+        "timings_ms": timings,
+        "history_used": len(used),
+        "history_truncated": truncated,
+        "unknown_items": list(unknown),
+        "batch_size": result.batch_size,
+    }
+    headers = {f"X-{stage.capitalize()}-Time": f"{value:.3f}" for stage, value in timings.items()}
+    headers["Server-Timing"] = ", ".join(f"{stage};dur={value:.3f}" for stage, value in timings.items())
+    headers["X-Model-Version"] = engine.model_version
+    return _json(payload, headers=headers)
+
+
+@router.post("/events", response_model=EventResponse, responses=ERROR_RESPONSES, summary="Record a click")
+async def post_event(body: EventRequest, request: Request) -> Response:
+    """Append a click to the user's history in Redis (atomic RPUSH + LTRIM to the model's max_history).
+
+    The item must be in the served catalog (422 `unknown_items` otherwise).
+    """
+    svc = _svc(request)
+    engine, _ = svc.serving()
+    if body.item_id not in engine.row_of:
+        raise ServiceError(422, "unknown_items", f"item {body.item_id!r} is not in the catalog", "item_id")
+    try:
+        length = await svc.history.append(
+            body.user_id, body.item_id, body.epoch_seconds(time.time()), engine.max_history
+        )
+    except RedisUnavailable as exc:
+        raise _redis_down(svc, exc) from None
+    return _json({"user_id": body.user_id, "item_id": body.item_id, "history_length": length})
+
+
+@router.get(
+    "/users/{user_id}/history", response_model=HistoryResponse, responses=ERROR_RESPONSES, summary="A user's clicks"
+)
+async def get_history(user_id: UserIdPath, request: Request) -> Response:
+    """The stored history, oldest first (an unknown user has an empty one)."""
+    svc = _svc(request)
+    engine, _ = svc.serving()
+    user_id = _user_id(user_id)
+    try:
+        events = await svc.history.read(user_id, engine.max_history)
+    except RedisUnavailable as exc:
+        raise _redis_down(svc, exc) from None
+    items = [{"item_id": e.item_id, "timestamp": e.timestamp} for e in events]
+    return _json({"user_id": user_id, "items": items, "max_history": engine.max_history})
+
+
+@router.delete("/users/{user_id}/history", responses=ERROR_RESPONSES, summary="Forget a user's clicks")
+async def delete_history(user_id: UserIdPath, request: Request) -> Response:
+    svc = _svc(request)
+    svc.serving()
+    user_id = _user_id(user_id)
+    try:
+        deleted = await svc.history.clear(user_id)
+    except RedisUnavailable as exc:
+        raise _redis_down(svc, exc) from None
+    return _json({"user_id": user_id, "deleted": deleted})
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    """200 while the process runs (readiness is /readyz)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Readiness: bundle, encoder (a real probe inference), index, Redis")
+async def readyz(request: Request) -> Response:
+    svc = _svc(request)
+    checks, reasons = await svc.readiness()
+    if reasons:
+        return error_response(
+            503,
+            "not ready: " + "; ".join(reasons),
+            "not_ready",
+            None,
+            {"Retry-After": str(svc.config.retry_after_s)},
+            checks=checks,
+        )
+    return _json({"ready": True, "model_version": svc.engine.model_version, "checks": checks})
+
+
+@router.get("/info", summary="The served bundle, runtime and batching settings")
+async def info(request: Request) -> Response:
+    return _json(_svc(request).info())
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+async def metrics(request: Request) -> Response:
+    return Response(_svc(request).metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,247 @@
+"""Request and response models of the HTTP API (they are also its OpenAPI schema, with examples).
+
+Policies the models document (and the service enforces):
+- `history` is oldest first, newest last (the order of `/events`). Items the bundle does not know are
+  skipped and listed in `unknown_items`; if none is left and there is no query, the request is a 422.
+  A history longer than the model's `max_history` is cut to the newest items (`history_truncated`).
+- A query is text: emoji and any script are fine; NUL and other control characters (except tab and
+  newline) and lone UTF-16 surrogates are refused with 422, as are queries over `serve.max_query_chars`
+  (enforced in the route, so the limit follows the config).
+- Unknown JSON fields are refused (a typo such as `histroy` must not silently change the result).
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+)
+
+MAX_K = 1000
+MAX_ID_CHARS = 256
+_ALLOWED_CONTROL = {"\t", "\n", "\r"}
+
+
+def _id_to_str(value: Any) -> Any:
+    """Item ids are strings; plain JSON integers (MovieLens-style ids) are accepted as their decimal text."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def check_text(value: str, what: str) -> str:
+    """Refuse control characters and lone surrogates (which cannot even be encoded as UTF-8)."""
+    for ch in value:
+        cat = unicodedata.category(ch)
+        if cat == "Cs":
+            raise ValueError(f"{what} contains a lone UTF-16 surrogate (U+{ord(ch):04X}); send valid Unicode")
+        if cat == "Cc" and ch not in _ALLOWED_CONTROL:
+            raise ValueError(f"{what} contains the control character U+{ord(ch):04X}")
+    return value
+
+
+def _check_id(value: str) -> str:
+    check_text(value, "id")
+    if not value.strip():
+        raise ValueError("ids must not be blank")
+    return value
+
+
+def _parse_time(value: Any) -> float:
+    """Unix seconds (number) or ISO 8601 text (naive = UTC) -> Unix seconds; finite and >= 0."""
+    if isinstance(value, bool):
+        raise ValueError("must be Unix seconds or an ISO 8601 time, not a boolean")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"{value[:40]!r} is neither Unix seconds nor an ISO 8601 time") from None
+        seconds = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    else:
+        raise ValueError("must be Unix seconds or an ISO 8601 time")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError("must be a finite, non-negative Unix time")
+    return seconds
+
+
+Timestamp = Annotated[
+    float,
+    BeforeValidator(_parse_time),
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "format": "date-time"}]}),
+]
+ItemId = Annotated[str, BeforeValidator(_id_to_str), Field(min_length=1, max_length=MAX_ID_CHARS)]
+UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchRequest(_Strict):
+    """Search with a query, a history, or both; without `history`, the history is read from Redis by `user_id`."""
+
+    user_id: UserId | None = Field(
+        None, description="Whose stored history to use when `history` is absent (ignored when it is given)."
+    )
+    query: str | None = Field(None, description="Query text (any language, emoji fine); empty means no query.")
+    history: list[ItemId] | None = Field(
+        None,
+        description="Clicked item ids, oldest first. Given: used as is (Redis is not read). Absent: read by user_id.",
+    )
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description="How many items to return (1..1000).")
+    exclude_history: StrictBool = Field(True, description="Leave the history's items out of the results.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"query": "red running shoes", "history": ["i0000012", "i0000345"], "k": 10},
+                {"user_id": "u42", "query": "gift for dad", "k": 20, "exclude_history": False},
+            ]
+        },
+    )
+
+    @field_validator("query")
+    @classmethod
+    def _query_text(cls, value: str | None) -> str | None:
+        return None if value is None else check_text(value, "query")
+
+    @field_validator("user_id")
+    @classmethod
+    def _user(cls, value: str | None) -> str | None:
+        return None if value is None else _check_id(value)
+
+    @field_validator("history")
+    @classmethod
+    def _history_ids(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            for item in value:
+                check_text(item, "item id")
+        return value
+
+
+class ScoredItem(_Strict):
+    item_id: str
+    score: float = Field(description="Inner product of h_t and the item embedding (both unit length).")
+    title: str | None = Field(None, description="The catalog title, where the bundle has one.")
+
+
+class Timings(_Strict):
+    """Milliseconds per stage of this request (the batch's share for featurize/encode/search)."""
+
+    history: float = Field(description="Reading the history from Redis (0 when the request carried it).")
+    featurize: float = Field(description="Resolving item ids, tokenising, gathering history features.")
+    queue: float = Field(description="Waiting for the encoder (micro-batch forming and earlier batches).")
+    encode: float = Field(description="The ONNX query encoder for this request's batch.")
+    search: float = Field(description="FAISS top-k for the batch, plus exclusions.")
+    total: float = Field(description="From the request's arrival to the response being built.")
+
+
+class SearchResponse(_Strict):
+    items: list[ScoredItem]
+    model_version: str
+    timings_ms: Timings
+    history_used: int = Field(description="History items fed to the model (known, newest max_history).")
+    history_truncated: int = Field(description="Known history items left out because the history was too long.")
+    unknown_items: list[str] = Field(description="History item ids the bundle does not know (skipped), in order.")
+    batch_size: int = Field(description="Requests encoded together with this one (micro-batching).")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [{"item_id": "i0000077", "score": 0.83, "title": "Taya red mesh running shoes"}],
+                    "model_version": "9cf4f4f53e11b1e0",
+                    "timings_ms": {
+                        "history": 0.0,
+                        "featurize": 0.05,
+                        "queue": 0.02,
+                        "encode": 0.9,
+                        "search": 0.1,
+                        "total": 1.3,
+                    },
+                    "history_used": 2,
+                    "history_truncated": 0,
+                    "unknown_items": [],
+                    "batch_size": 1,
+                }
+            ]
+        },
+    )
+
+
+class EventRequest(_Strict):
+    """One click: appended to the user's history (bounded to the model's max_history, oldest dropped)."""
+
+    user_id: UserId
+    item_id: ItemId
+    timestamp: Timestamp | None = Field(
+        None, description="When it happened: ISO 8601 or Unix seconds (default: now). Stored, not re-ordered."
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user_id": "u42", "item_id": "i0000012", "timestamp": 1767225600.0}]},
+    )
+
+    @field_validator("user_id", "item_id")
+    @classmethod
+    def _ids(cls, value: str) -> str:
+        return _check_id(value)
+
+    def epoch_seconds(self, now: float) -> float:
+        return now if self.timestamp is None else self.timestamp
+
+
+class EventResponse(_Strict):
+    user_id: str
+    item_id: str
+    history_length: int = Field(description="Length of the user's stored history after this event.")
+
+
+class HistoryItem(_Strict):
+    item_id: str
+    timestamp: float = Field(description="Unix seconds.")
+
+
+class HistoryResponse(_Strict):
+    user_id: str
+    items: list[HistoryItem] = Field(description="Oldest first.")
+    max_history: int = Field(description="How many events are kept per user (the model's max_history).")
+
+
+class ErrorBody(_Strict):
+    error: str = Field(description="What went wrong, readable.")
+    type: str = Field(description="Machine-readable kind, e.g. validation_error, queue_full, redis_unavailable.")
+    field: str | None = Field(None, description="The request field at fault, when there is one.")
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {"error": "k: Input should be less than or equal to 1000", "type": "validation_error", "field": "k"}
+            ]
+        },
+    )
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorBody, "description": "Body over serve.max_body_bytes."},
+    422: {"model": ErrorBody, "description": "Malformed JSON, wrong types, out-of-range values, unknown items."},
+    429: {"model": ErrorBody, "description": "Encoder queue full; retry after Retry-After seconds."},
+    503: {"model": ErrorBody, "description": "Not ready, draining, or Redis needed and down."},
+}

@@ -1,0 +1,205 @@
+"""What one running app holds (`app.state.svc`): config, engine, batcher, Redis store, metrics, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from karma.config import ServeConfig
+from service.batching import MicroBatcher
+from service.engine import Engine, select_providers
+from service.errors import ServiceError
+from service.history import HistoryStore, RedisUnavailable
+from service.metrics import Metrics
+from service.middleware import InFlight
+
+log = logging.getLogger("karma.service")
+
+
+class ServiceState:
+    def __init__(self, config: ServeConfig, metrics: Metrics, in_flight: InFlight):
+        self.config = config
+        self.metrics = metrics
+        self.in_flight = in_flight
+        self.engine: Engine | None = None
+        self.batcher: MicroBatcher | None = None
+        self.history: HistoryStore = HistoryStore(
+            config.redis_url, config.redis_key_prefix, config.redis_timeout_s, metrics.redis_errors
+        )
+        self.providers: list[str] = []
+        self.ready = False
+        self.draining = False
+        self.started_at: float | None = None
+        self.startup_seconds: float | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load and validate the bundle, open sessions, warm up, connect Redis, start the batcher."""
+        began = time.perf_counter()
+        config = self.config
+        assert config.bundle is not None
+        self.providers = select_providers(config.providers)
+        engine = await asyncio.to_thread(Engine.load, config.bundle, self.providers, config.intra_op_threads)
+        await asyncio.to_thread(self._warm, engine)
+        self.engine = engine
+        self.batcher = MicroBatcher(
+            engine,
+            config.max_batch_size,
+            config.max_batch_wait_ms / 1000.0,
+            config.queue_size,
+            on_batch=self.metrics.batch_size.observe,
+        )
+        batcher = self.batcher
+        self.metrics.track_queue(lambda: batcher.depth)
+        self.metrics.set_model(
+            engine.model_version,
+            engine.manifest.dims.embed_dim,
+            engine.parameters,
+            engine.flops_per_request,
+            engine.sessions.providers[0],
+            engine.manifest.index.type,
+        )
+        try:
+            await self.history.ping()
+        except RedisUnavailable as exc:
+            log.warning(
+                "Redis at %s is unavailable at start (%s); serving searches that carry history",
+                self.history.describe(),
+                exc,
+            )
+        self.batcher.start()
+        self.ready = True
+        self.started_at = time.time()
+        self.startup_seconds = time.perf_counter() - began
+        log.info(
+            "serving bundle %s (model %s, %d items, %s) ready in %.2f s",
+            config.bundle,
+            engine.model_version,
+            engine.n_items,
+            engine.sessions.providers[0],
+            self.startup_seconds,
+        )
+
+    def _warm(self, engine: Engine) -> None:
+        """A probe plus one full-size batch, so the first real requests do not pay ORT's first-run costs."""
+        engine.probe()
+        import numpy as np
+
+        from service.engine import Job
+
+        size = self.config.max_batch_size
+        history = np.arange(engine.max_history, dtype=np.int64) % max(engine.n_items, 1)
+        jobs = [Job("warm up " * 8, history, 10, np.zeros(0, dtype=np.int64)) for _ in range(size)]
+        engine.run_batch(jobs)
+
+    async def stop(self) -> None:
+        """Refuse new requests, let in-flight ones finish (up to drain_timeout_s), then stop."""
+        self.draining = True
+        deadline = time.perf_counter() + self.config.drain_timeout_s
+        while self.in_flight.count > 0 and time.perf_counter() < deadline:
+            await asyncio.sleep(0.005)
+        if self.in_flight.count:
+            log.warning("stopping with %d request(s) still in flight", self.in_flight.count)
+        if self.batcher is not None:
+            await self.batcher.stop(max(0.0, deadline - time.perf_counter()))
+        await self.history.close()
+        self.ready = False
+        log.info("stopped")
+
+    # ---- per request ----------------------------------------------------------------------------
+
+    def serving(self) -> tuple[Engine, MicroBatcher]:
+        if self.draining:
+            raise ServiceError(
+                503,
+                "not_ready",
+                "the service is shutting down",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            )
+        if not self.ready or self.engine is None or self.batcher is None:
+            raise ServiceError(
+                503, "not_ready", "the service is starting", headers={"Retry-After": str(self.config.retry_after_s)}
+            )
+        return self.engine, self.batcher
+
+    async def readiness(self) -> tuple[dict[str, Any], list[str]]:
+        checks: dict[str, Any] = {}
+        reasons: list[str] = []
+        if self.draining:
+            reasons.append("draining (shutting down)")
+        engine, batcher = self.engine, self.batcher
+        if engine is None or batcher is None or not self.ready:
+            checks["bundle"] = {"ok": False}
+            reasons.append("bundle not loaded yet")
+        else:
+            checks["bundle"] = {"ok": True, "model_version": engine.model_version, "n_items": engine.n_items}
+            try:
+                checks["encoder"] = {"ok": True, **await batcher.run_in_worker(engine.probe)}
+            except Exception as exc:  # any failure of the probe means "not ready", with the reason
+                log.exception("readiness probe failed")
+                checks["encoder"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                reasons.append(f"probe inference failed: {exc}")
+            checks["index"] = {
+                "ok": engine.bundle.index.ntotal == engine.n_items,
+                "n_items": engine.bundle.index.ntotal,
+            }
+        try:
+            began = time.perf_counter()
+            await self.history.ping()
+            checks["redis"] = {"ok": True, "ms": round((time.perf_counter() - began) * 1000, 3)}
+        except RedisUnavailable as exc:
+            checks["redis"] = {"ok": False, "error": str(exc), "required": self.config.ready_requires_redis}
+            if self.config.ready_requires_redis:
+                reasons.append(f"redis unavailable ({exc})")
+        return checks, reasons
+
+    def info(self) -> dict[str, Any]:
+        config = self.config
+        out: dict[str, Any] = {
+            "ready": self.ready and not self.draining,
+            "bundle": str(config.bundle),
+            "providers": self.providers,
+            "intra_op_threads": config.intra_op_threads,
+            "batching": {
+                "max_batch_size": config.max_batch_size,
+                "max_batch_wait_ms": config.max_batch_wait_ms,
+                "queue_size": config.queue_size,
+            },
+            "limits": {
+                "k": [1, 1000],
+                "max_body_bytes": config.max_body_bytes,
+                "max_query_chars": config.max_query_chars,
+            },
+            "redis": {"url": self.history.describe(), "key_prefix": config.redis_key_prefix},
+            "startup_seconds": self.startup_seconds,
+        }
+        engine = self.engine
+        if engine is not None:
+            m = engine.manifest
+            out.update(
+                {
+                    "model_version": m.model_version,
+                    "created_at": m.created_at,
+                    "dims": m.dims.model_dump(),
+                    "max_query_tokens": m.max_query_tokens,
+                    "max_history": m.max_history,
+                    "n_items": m.n_items,
+                    "index": {
+                        "type": m.index.type,
+                        "faiss_class": m.index.faiss_class,
+                        "metric": m.index.metric,
+                        "params": m.index.params,
+                        "ntotal": int(engine.bundle.index.ntotal),
+                    },
+                    "parameters": {**m.served_parameters, "served": engine.parameters},
+                    "flops_per_request": engine.flops_per_request,
+                    "session_providers": engine.sessions.providers,
+                    "onnx": {"exporter": m.onnx.exporter, "opset": m.onnx.opset},
+                    "training": {"preset": m.training.preset, "backbone": m.training.backbone, "step": m.training.step},
+                    "feature_layout": m.feature_layout,
+                }
+            )
+        return out
