@@ -32,12 +32,15 @@ def test_demo_runs_data_split_features_stats(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for step in (
-        "[1/6]",
-        "[2/6]",
-        "[3/6]",
-        "[4/6]",
-        "[5/6]",
-        "[6/6]",
+        "[1/7]",
+        "[2/7]",
+        "[3/7]",
+        "[4/7]",
+        "[5/7]",
+        "[6/7]",
+        "[7/7]",
+        "POST http://127.0.0.1:",
+        "history from Redis: 10 items",
         "parity",
         "KARMA karma",
         "most-popular",
