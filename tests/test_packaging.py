@@ -44,7 +44,10 @@ def test_dockerfile_installs_with_the_same_script() -> None:
     packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert packages <= copied, f"packages not copied into the image: {packages - copied}"
     run_script = (REPO / "run").read_text()
-    for knob in re.findall(r"(KARMA_[A-Z_]+)=", dockerfile.split("FROM python:3.11-slim AS runtime")[0]):
+    build_stage = dockerfile.split("FROM python:3.11-slim AS runtime")[0]
+    env_lines = " ".join(re.findall(r"^ENV (.+)$", build_stage, re.MULTILINE))
+    assert "KARMA_EXTRAS=" in env_lines
+    for knob in re.findall(r"(KARMA_[A-Z_]+)=", env_lines):
         assert f"${{{knob}:-" in run_script, f"{knob} is set in the Dockerfile but ./run ignores it"
 
 
