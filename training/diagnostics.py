@@ -76,6 +76,7 @@ import torch
 from torch import Tensor
 
 from karma.errors import KarmaError
+from karma.jsonable import to_jsonable
 from training.evaluation import eval_targets
 from training.evaluation.protocol import EvalTargets
 from training.losses import IGNORE_INDEX
@@ -656,20 +657,6 @@ def print_table(results: Sequence[ModelDiagnostics], console: Any = None) -> Non
             console.print(f"[dim]note ({escape(r.name)}):[/dim] {escape(note)}", soft_wrap=True, highlight=False)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN
-    return value
-
-
 def report_dict(results: Sequence[ModelDiagnostics], figures: Mapping[str, Any]) -> dict[str, Any]:
     models = {}
     for r in results:
@@ -746,7 +733,7 @@ def run_diagnostics(
         MAPS_PLOT: plot_attention_maps(results, out_dir / MAPS_PLOT),
     }
     payload = report_dict(results, figures)
-    (out_dir / JSON_FILE).write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n")
+    (out_dir / JSON_FILE).write_text(json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n")
     if print_results:
         print_table(results)
         from rich.console import Console

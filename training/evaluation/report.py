@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from karma.jsonable import to_jsonable
 from training.evaluation.metrics import ArrayLike, metric_names, metrics_from_ranks, rank_targets
 from training.evaluation.protocol import EvalTargets
 
@@ -108,22 +109,10 @@ def print_metrics_table(
     console.print(f"[dim]protocol:[/dim] {escape(protocol)}", soft_wrap=True, markup=True, highlight=False)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN
-    return value
-
-
 def save_metrics_json(path: Path | str, results: Mapping[str, Any], protocol: str) -> Path:
     """Write {"protocol": ..., "results": ...} as strict JSON (NaN -> null)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"protocol": protocol, "results": _jsonable(results)}
+    payload = {"protocol": protocol, "results": to_jsonable(results)}
     path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
