@@ -22,14 +22,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from karma.errors import ConfigError
 
 ENV_PREFIX = "KARMA_"
 ENV_CONFIG_FILE = "KARMA_CONFIG"
-# Variables that start with the prefix but are not config keys.
-ENV_RESERVED = frozenset({ENV_CONFIG_FILE})
+# Variables that start with the prefix but are not config keys: ./run's install knobs, the
+# config-file pointer, and the load test's / benchmarks' own settings.
+ENV_RESERVED = frozenset(
+    {ENV_CONFIG_FILE, "KARMA_VENV", "KARMA_EXTRAS", "KARMA_MODEL_WHEELS", "KARMA_EDITABLE", "KARMA_PYTHON"}
+)
+ENV_RESERVED_PREFIXES = ("KARMA_LOADTEST_", "KARMA_BENCH_")
+# Secrets: taken verbatim from env/CLI (never YAML-parsed: `0123...` must not become a number) and
+# left out of config dumps (`config_to_yaml`, checkpoint config files).
+SECRET_KEYS = frozenset({("serve", "admin_api_key")})
 
 
 class StrictModel(BaseModel):
@@ -258,6 +265,21 @@ class ServeConfig(StrictModel):
         10.0, ge=0.0, description="On shutdown, wait this long for in-flight requests before stopping."
     )
     access_log: bool = Field(True, description="One JSON log line per request (with its request id).")
+    admin_api_key: str | None = Field(
+        None,
+        min_length=16,
+        repr=False,
+        description=(
+            "Bearer key for the admin routes (POST /admin/reload), at least 16 characters, e.g. "
+            "`openssl rand -hex 32`; best given as KARMA_SERVE__ADMIN_API_KEY. Unset or empty: admin routes "
+            "are disabled (403). Never echoed by /info, and left out of config dumps."
+        ),
+    )
+
+    @field_validator("admin_api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 class KarmaConfig(StrictModel):
@@ -297,11 +319,20 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _parse_scalar(raw: str) -> Any:
-    """Env/CLI values are strings; read them as YAML so `3`, `true` and `[1, 2]` get their types."""
+    """Env/CLI values are strings; read them as YAML so `3`, `true` and `[1, 2]` get their types.
+
+    A value that YAML would read as a mapping (`karma:` — a key prefix ending in a colon) stays
+    the plain string: no config field takes a mapping from one variable.
+    """
     try:
-        return yaml.safe_load(raw) if raw.strip() else raw
+        value = yaml.safe_load(raw) if raw.strip() else raw
     except yaml.YAMLError:
         return raw
+    return raw if isinstance(value, dict) else value
+
+
+def _scalar(parts: list[str], raw: str) -> Any:
+    return raw if tuple(parts) in SECRET_KEYS else _parse_scalar(raw)
 
 
 def _check_key(parts: list[str], origin: str) -> None:
@@ -331,10 +362,10 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any, str]
     """`KARMA_DATA__SYNTHETIC__N_ITEMS=1000` -> (['data', 'synthetic', 'n_items'], 1000, origin)."""
     found = []
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED:
+        if not name.startswith(ENV_PREFIX) or name in ENV_RESERVED or name.startswith(ENV_RESERVED_PREFIXES):
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        found.append((parts, _parse_scalar(environ[name]), f"environment variable {name}"))
+        found.append((parts, _scalar(parts, environ[name]), f"environment variable {name}"))
     return found
 
 
@@ -345,7 +376,8 @@ def cli_overrides(items: Sequence[str]) -> list[tuple[list[str], Any, str]]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. data.name=ml-100k")
-        found.append(([p.strip() for p in key.split(".")], _parse_scalar(raw), f"override '{item}'"))
+        parts = [p.strip() for p in key.split(".")]
+        found.append((parts, _scalar(parts, raw), f"override '{item}'"))
     return found
 
 
@@ -355,6 +387,8 @@ def _format_validation_error(exc: ValidationError, origin: str) -> str:
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             problems.append(f"unknown config key '{key}'")
+        elif tuple(str(p) for p in err["loc"][:2]) in SECRET_KEYS:
+            problems.append(f"{key}: {err['msg']} (value not shown: it is a secret)")
         else:
             problems.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
     return f"{origin}: " + "; ".join(problems)
@@ -390,5 +424,9 @@ def load_config(
 
 
 def config_to_yaml(config: KarmaConfig) -> str:
-    """The effective config as YAML, loadable again with `load_config`."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The effective config as YAML, loadable again with `load_config` (secrets left out: null)."""
+    tree = config.model_dump(mode="json")
+    for section, key in SECRET_KEYS:
+        if tree.get(section, {}).get(key) is not None:
+            tree[section][key] = None
+    return yaml.safe_dump(tree, sort_keys=False)

@@ -95,3 +95,13 @@ def test_yaml_dump_round_trips(tmp_path: Path) -> None:
     config = load_config(overrides=["data.name=ml-1m", "data.synthetic.seed=3"], environ={})
     path = write(tmp_path / "dump.yaml", config_to_yaml(config))
     assert load_config(path, environ={}) == config
+
+
+def test_install_knobs_are_not_config_keys_and_colon_values_stay_strings() -> None:
+    env = {"KARMA_EXTRAS": "serve", "KARMA_VENV": "/opt/venv", "KARMA_LOADTEST_BUNDLE": "/b", "KARMA_SEED": "4"}
+    assert load_config(environ=env).seed == 4
+    config = load_config(
+        overrides=["serve.redis_key_prefix=karma:"], environ={"KARMA_SERVE__REDIS_URL": "redis://r:6379/0"}
+    )
+    assert config.serve.redis_key_prefix == "karma:"
+    assert config.serve.redis_url == "redis://r:6379/0"
