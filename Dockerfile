@@ -22,9 +22,11 @@ RUN ./run setup
 FROM python:3.11-slim AS runtime
 RUN useradd --create-home --uid 10001 karma
 COPY --from=build /opt/venv /opt/venv
+# Every KARMA_* variable is read as a config key by `karma` (KARMA_<SECTION>__<KEY>); an unknown one is
+# an error at start, so only real keys go here (tests/test_deploy.py checks them with load_config).
 ENV PATH=/opt/venv/bin:$PATH \
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 \
-    KARMA_BUNDLE=/bundle
+    KARMA_SERVE__BUNDLE=/bundle
 USER karma
 WORKDIR /home/karma
 EXPOSE 8000
