@@ -1,10 +1,11 @@
 """`export_checkpoint`: checkpoint -> a complete, checksummed, self-describing bundle folder.
 
 Order of work: rebuild the checkpoint's data/features/model (`build_setup`, the reference for
-parity); build the served towers from the weights alone; export both ONNX graphs; write the
-tokenizer, catalog rows, item features, item embeddings (computed by the exported item encoder,
-so the index holds exactly what the service computes for a new item), the FAISS index; run
-parity (refusing to publish above tolerance); checksum every file; write manifest.json last;
+parity); build the served towers from the weights alone; export both ONNX graphs (and, when asked,
+replace them by their ORT-optimised and/or int8 variants, `export.optimize`); write the tokenizer,
+catalog rows, item features, item embeddings (computed by the exported item encoder, so the index
+holds exactly what the service computes for a new item), the FAISS index; run parity (refusing to
+publish above tolerance, or below the int8 cosine floor); checksum every file; write manifest.json last;
 load the result back through `karma.bundle.load_bundle`. All of this happens in a staging folder
 next to the destination that is renamed into place at the end, so the destination is either the
 old bundle or the complete new one, never a half-written folder.
@@ -34,6 +35,7 @@ from karma.bundle import (
     ITEM_ID_BUCKETS_FILE,
     ITEMS_FILE,
     MANIFEST_FILE,
+    QUERY_ENCODER_FILE,
     SCHEMA_VERSION,
     Dims,
     Manifest,
@@ -117,17 +119,32 @@ def export_checkpoint(
     force: bool = False,
     tolerance: float = 1e-4,
     progress: bool = False,
+    optimize: bool = False,
+    quantize: str | None = None,
+    int8_keep_fp32: Sequence[str] | None = None,
 ) -> ExportResult:
-    """Export `checkpoint` into the bundle folder `out_dir` (see the module docstring)."""
+    """Export `checkpoint` into the bundle folder `out_dir` (see the module docstring).
+
+    `optimize` / `quantize="int8"` replace the fp32 encoders by their ONNX Runtime variants
+    (`export.optimize`); parity is then judged by the variant's documented criterion (1e-4 max abs
+    diff for `optimize` alone, min cosine >= `export.optimize.INT8_MIN_COSINE` for int8) and a
+    variant that fails it is refused like an fp32 graph that fails. `int8_keep_fp32`: MatMul name
+    patterns int8 leaves in fp32 (default `export.optimize.INT8_KEEP_FP32`; `()` quantises all).
+    """
     from export.cost import served_cost
     from export.index import build_index, default_params, write_index
-    from export.onnx_export import build_served_towers, export_encoders
+    from export.onnx_export import build_served_towers, export_encoders, graph_structure
+    from export.optimize import INT8_KEEP_FP32, parity_criterion, variant_files, variant_of
     from export.parity import check_parity
     from training.setup import build_setup
 
     started = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     default_params(index, 1, 1)  # unknown index types fail before any work
+    variant = variant_of(optimize, quantize)  # unknown --quantize fails before any work
+    criterion = parity_criterion(variant, tolerance)
+    if int8_keep_fp32 is not None and not variant.quantized:
+        raise KarmaError("int8_keep_fp32 (--int8-keep-fp32) only applies with quantize='int8' (--quantize int8)")
     if out_dir.exists() and not force:
         raise KarmaError(f"{out_dir} already exists; pass --force to replace it")
     if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file() and any(out_dir.iterdir()):
@@ -145,6 +162,16 @@ def export_checkpoint(
         opset, q_spec, i_spec = export_encoders(
             towers, staging, features.matrix, setup.backbone.tokenizer.vocab_size, exporter, opset
         )
+        if variant.optimized or variant.quantized:
+            keep = INT8_KEEP_FP32 if int8_keep_fp32 is None else tuple(int8_keep_fp32)
+            details = variant_files(staging, [QUERY_ENCODER_FILE, ITEM_ENCODER_FILE], variant, keep)
+            q_detail, i_detail = details[QUERY_ENCODER_FILE], details[ITEM_ENCODER_FILE]
+            quantization = None
+            if variant.quantized:
+                quantization = {"query_encoder": q_detail.quantization, "item_encoder": i_detail.quantization}
+            variant = q_detail.model_copy(update={"quantization": quantization})
+            q_spec = q_spec.model_copy(update=graph_structure(staging / QUERY_ENCODER_FILE))
+            i_spec = i_spec.model_copy(update=graph_structure(staging / ITEM_ENCODER_FILE))
         setup.backbone.tokenizer.save(staging)
         items = catalog.items[["item_id", *catalog.text_fields]].copy()
         items["item_id"] = items["item_id"].astype(str)
@@ -157,12 +184,28 @@ def export_checkpoint(
         faiss_index, index_info = build_index(embeddings, index, index_params)
         write_index(faiss_index, staging / INDEX_FILE)
 
-        parity = check_parity(staging, setup, tolerance=tolerance)
+        parity = check_parity(
+            staging,
+            setup,
+            batch_sizes=criterion.get("batch_sizes", (1, 3, 8)),
+            tolerance=tolerance,
+            min_cosine=criterion.get("min_cosine"),
+            random_query_min_cosine=criterion.get("random_query_min_cosine"),
+        )
+        parity["variant"] = variant.name
+        if not parity["passed"] and "min_cosine" in criterion:
+            q, i = parity["query"], parity["item"]
+            raise KarmaError(
+                f"export of {checkpoint}: the {variant.name} encoders' outputs fall below their cosine floor vs "
+                f"PyTorch: real queries {q['min_cosine_real']:.4f} and items {i['min_cosine']:.4f} (need >= "
+                f"{criterion['min_cosine']}), random queries {q['min_cosine_random']:.4f} (need >= "
+                f"{criterion['random_query_min_cosine']}); bundle not written (export without --quantize)"
+            )
         if not parity["passed"]:
             worst = max(parity["query"]["max_abs_diff"], parity["item"]["max_abs_diff"])
             raise KarmaError(
-                f"export of {checkpoint}: ONNX Runtime differs from PyTorch by {worst:.2e} (> {tolerance:.0e}); "
-                f"bundle not written"
+                f"export of {checkpoint}: ONNX Runtime ({variant.name}) differs from PyTorch by {worst:.2e} "
+                f"(> {tolerance:.0e}); bundle not written"
             )
 
         names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
@@ -184,7 +227,7 @@ def export_checkpoint(
             feature_layout=features.layout.to_dict(),
             item_text_fields=list(catalog.text_fields),
             n_items=catalog.n_items,
-            item_embeddings_source=f"{ITEM_ENCODER_FILE} (ONNX Runtime, CPU, fp32)",
+            item_embeddings_source=f"{ITEM_ENCODER_FILE} (ONNX Runtime, CPU, {variant.name})",
             files=files,
             index=index_info,
             onnx=OnnxInfo(
@@ -193,6 +236,7 @@ def export_checkpoint(
                 torch_version=torch.__version__,
                 query_encoder=q_spec,
                 item_encoder=i_spec,
+                variant=variant,
             ),
             training=TrainingInfo(
                 preset=info.state.get("preset", config.loss.preset),

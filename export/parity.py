@@ -109,9 +109,16 @@ def check_parity(
     history_lengths: tuple[int, ...] = (1, 7, 20),
     tolerance: float = TOLERANCE,
     seed: int = 0,
+    min_cosine: float | None = None,
+    random_query_min_cosine: float | None = None,
 ) -> dict[str, Any]:
-    """Max abs diff and min cosine between PyTorch and ONNX Runtime; `passed` is diff <= tolerance.
+    """Max abs diff and min cosine between PyTorch and ONNX Runtime.
 
+    `passed` is max abs diff <= `tolerance` (fp32 graphs), or, when `min_cosine` is given (int8
+    graphs, whose outputs differ by design), every output row's cosine with PyTorch >= `min_cosine`,
+    except the random-*query* cases (uniformly random token ids: off-distribution noise that, under
+    per-batch int8 activation scales, drags its whole batch), which must reach
+    `random_query_min_cosine` (default: `min_cosine`) and are reported separately.
     `setup` is a `Setup` or a checkpoint folder (rebuilt with its own config on CPU).
     """
     if not isinstance(setup, Setup):
@@ -189,16 +196,30 @@ def check_parity(
 
     def summary(encoder: str) -> dict[str, float]:
         rows = [c for c in cases if c["encoder"] == encoder]
-        return {
+        out = {
             "max_abs_diff": max(c["max_abs_diff"] for c in rows),
             "min_cosine": min(c["min_cosine"] for c in rows),
             "cases": len(rows),
         }
+        for kind in sorted({c["inputs"] for c in rows}):
+            out[f"min_cosine_{kind}"] = min(c["min_cosine"] for c in rows if c["inputs"] == kind)
+        return out
 
     query, item = summary("query"), summary("item")
+    if min_cosine is None:
+        criterion = {"metric": "max_abs_diff", "tolerance": tolerance}
+        passed = max(query["max_abs_diff"], item["max_abs_diff"]) <= tolerance
+    else:
+        random_floor = min_cosine if random_query_min_cosine is None else random_query_min_cosine
+        criterion = {"metric": "min_cosine", "min_cosine": min_cosine, "random_query_min_cosine": random_floor}
+        passed = (
+            min(query["min_cosine_real"], item["min_cosine"]) >= min_cosine
+            and query["min_cosine_random"] >= random_floor
+        )
     return {
-        "tolerance": tolerance,
-        "passed": max(query["max_abs_diff"], item["max_abs_diff"]) <= tolerance,
+        "tolerance": tolerance if min_cosine is None else None,
+        "criterion": criterion,
+        "passed": bool(passed),
         "batch_sizes": list(batch_sizes),
         "history_lengths": list(history_lengths),
         "query": query,

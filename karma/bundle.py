@@ -4,6 +4,7 @@
         manifest.json           this schema (written last: a folder with a manifest is a complete bundle)
         query_encoder.onnx      (query_ids, query_mask, hist_features, hist_mask[, hist_buckets]) -> h (B, D)
         item_encoder.onnx       (features[, id_buckets]) -> e (N, D)
+                                (both fp32 by default; ORT-optimised and/or int8 when manifest onnx.variant says so)
         tokenizer.json, tokenizer_meta.json
         items.parquet           item_id + the catalog's text fields; row i = FAISS id i
         item_features.npy       (N, F) float32 content features in the manifest's feature layout
@@ -86,12 +87,32 @@ class GraphSpec(_Strict):
     torch_parameters: int = Field(description="Parameters of the PyTorch tower it was exported from.")
 
 
+class OnnxVariant(_Strict):
+    """Which optional ONNX Runtime transformations the shipped encoders went through (export.optimize).
+
+    The default (neither) is the plain fp32 export, bit-for-bit what the exporter wrote.
+    """
+
+    optimized: bool = Field(False, description="Offline ORT graph optimisation (fusions) baked into the files.")
+    quantized: Literal["int8"] | None = Field(None, description="int8: dynamic quantisation of MatMul/Gemm weights.")
+    optimization_level: str | None = Field(None, description="ORT level used offline, e.g. extended.")
+    quantization: dict[str, Any] | None = Field(None, description="quantize_dynamic settings and what it quantised.")
+    onnxruntime_version: str | None = Field(None, description="ORT that wrote the variant (its contrib ops).")
+
+    @property
+    def name(self) -> str:
+        """fp32 | optimized | int8 | optimized+int8."""
+        parts = (["optimized"] if self.optimized else []) + ([self.quantized] if self.quantized else [])
+        return "+".join(parts) or "fp32"
+
+
 class OnnxInfo(_Strict):
     exporter: str  # torchscript | dynamo
     opset: int
     torch_version: str
     query_encoder: GraphSpec
     item_encoder: GraphSpec
+    variant: OnnxVariant = Field(default_factory=OnnxVariant)
 
 
 class IndexInfo(_Strict):
@@ -480,5 +501,6 @@ def bundle_summary(manifest: Manifest) -> dict[str, Any]:
         "n_items": manifest.n_items,
         "index": {"type": manifest.index.type, **manifest.index.params},
         "exporter": f"{manifest.onnx.exporter} opset {manifest.onnx.opset}",
+        "onnx_variant": manifest.onnx.variant.name,
         "served_parameters": manifest.served_parameters,
     }

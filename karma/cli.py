@@ -320,6 +320,30 @@ def export_bundle(
         "torchscript"
     ),
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's tested one).")] = None,
+    optimize: Annotated[
+        bool,
+        typer.Option(
+            "--optimize",
+            help="Ship ORT-optimised encoders (offline ORT_ENABLE_EXTENDED fusions; ONNX Runtime CPU only). "
+            "Parity tolerance stays 1e-4.",
+        ),
+    ] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize",
+            help="int8: ship dynamically quantised encoders (int8 MatMul weights). Parity: min cosine >= 0.99. "
+            "Measure the speed/HR@200 trade-off with benchmarks/bench_export_variants.py.",
+        ),
+    ] = None,
+    int8_keep_fp32: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--int8-keep-fp32",
+            help="With --quantize int8: MatMuls (node/weight name contains this) left fp32, repeatable. "
+            "Default: mlp/down_proj (LLM activation outliers). 'none' quantises every weight MatMul.",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle folder.")] = False,
     set_: SetOpt = None,
 ) -> None:
@@ -337,6 +361,9 @@ def export_bundle(
         opset=opset,
         overrides=set_ or [],
         force=force,
+        optimize=optimize,
+        quantize=quantize,
+        int8_keep_fp32=None if not int8_keep_fp32 else [p for p in int8_keep_fp32 if p.lower() != "none"],
     )
     m = result.manifest
     typer.echo(f"bundle {result.directory}  model_version {m.model_version}  ({result.seconds:.1f} s)")
@@ -344,6 +371,17 @@ def export_bundle(
         f"  {m.onnx.exporter} exporter, opset {m.onnx.opset}; dims F={m.dims.feature_dim} D={m.dims.embed_dim} "
         f"hidden={m.dims.hidden}; {m.n_items:,} items; index {m.index.type} {m.index.params or ''}".rstrip()
     )
+    variant = m.onnx.variant
+    line = f"  encoders: {variant.name}"
+    if variant.optimized:
+        line += f"; ORT {variant.optimization_level} optimisation baked in (ONNX Runtime {variant.onnxruntime_version})"
+    if variant.quantization:
+        q, i = variant.quantization["query_encoder"], variant.quantization["item_encoder"]
+        line += (
+            f"; int8 MatMuls: query {q['quantized_matmuls']}, item {i['quantized_matmuls']}"
+            f" (fp32 kept: {q['kept_fp32_matmuls']} matching {q['kept_fp32_patterns']})"
+        )
+    typer.echo(line)
     for name, size in sorted(result.file_sizes().items()):
         typer.echo(f"  {name:<24} {size:>12,} bytes")
     served = m.served_parameters
@@ -354,10 +392,17 @@ def export_bundle(
     )
     if m.parity:
         q, i = m.parity["query"], m.parity["item"]
+        criterion = m.parity.get("criterion") or {"metric": "max_abs_diff", "tolerance": m.parity["tolerance"]}
+        limit = (
+            f"min cosine >= {criterion['min_cosine']} (random queries >= {criterion['random_query_min_cosine']}); "
+            f"real queries {q['min_cosine_real']:.4f}, random queries {q['min_cosine_random']:.4f}"
+            if criterion["metric"] == "min_cosine"
+            else f"max |diff| <= {criterion['tolerance']:.0e}"
+        )
         typer.echo(
             f"  parity vs PyTorch ({q['cases']} query + {i['cases']} item cases, batch {m.parity['batch_sizes']}, "
             f"history {m.parity['history_lengths']}): max |diff| query {q['max_abs_diff']:.1e} item "
-            f"{i['max_abs_diff']:.1e}; min cosine {min(q['min_cosine'], i['min_cosine']):.7f}"
+            f"{i['max_abs_diff']:.1e}; min cosine {min(q['min_cosine'], i['min_cosine']):.7f} (required: {limit})"
         )
 
 
