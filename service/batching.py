@@ -1,12 +1,16 @@
 """Micro-batching: concurrent /search requests are encoded and searched together in one worker thread.
 
 Requests enter a bounded asyncio queue (full -> `QueueFull`, which the route answers with 429). One
-asyncio task takes the first waiting job, lets same-tick arrivals join, and — when more than one
-is already waiting — keeps the batch open up to `max_wait` for more, never beyond `max_batch`. The
+asyncio task takes the first waiting job with everything already queued and — when more than one
+is waiting — keeps the batch open up to `max_wait` for more, never beyond `max_batch`. The
 batch then runs in a single-thread executor (ONNX Runtime and FAISS release the GIL), so the event
 loop never blocks and the encoder never runs two batches at once. While a batch runs, new requests
 queue up and form the next one: at low load a lone request is dispatched at once (no added wait);
 under load batches grow by themselves (continuous batching, as in TEI/vLLM routers).
+
+Each job is submitted with the engine it must run on (the one the request resolved its item ids
+with). A hot reload swaps which engine new requests get; jobs already queued still run on the old
+one, so a batch that straddles a swap is split into one run per engine.
 """
 
 from __future__ import annotations
@@ -32,19 +36,20 @@ class BatcherStopped(Exception):
     """The batcher is draining or stopped; the caller should answer 503."""
 
 
+Entry = tuple[Engine, Job, asyncio.Future[JobResult]]
+
+
 class MicroBatcher:
     def __init__(
         self,
-        engine: Engine,
         max_batch: int,
         max_wait_s: float,
         queue_size: int,
         on_batch: Callable[[int], Any] | None = None,
     ):
-        self.engine = engine
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self.queue: asyncio.Queue[tuple[Job, asyncio.Future[JobResult]] | None] = asyncio.Queue(maxsize=queue_size)
+        self.queue: asyncio.Queue[Entry | None] = asyncio.Queue(maxsize=queue_size)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="karma-encode")
         self._on_batch = on_batch
         self._task: asyncio.Task[None] | None = None
@@ -59,13 +64,14 @@ class MicroBatcher:
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._run(), name="karma-batcher")
 
-    async def submit(self, job: Job) -> JobResult:
+    async def submit(self, engine: Engine, job: Job) -> JobResult:
+        """Queue `job` for `engine` and wait for its result (QueueFull / BatcherStopped if it cannot)."""
         if not self._accepting:
             raise BatcherStopped("the service is shutting down")
         future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
         job.enqueued = time.perf_counter()
         try:
-            self.queue.put_nowait((job, future))
+            self.queue.put_nowait((engine, job, future))
         except asyncio.QueueFull:
             raise QueueFull(f"encoder queue full ({self.queue.maxsize} waiting)") from None
         return await future
@@ -74,12 +80,11 @@ class MicroBatcher:
         """Run `fn` on the encoder thread (serialised with the batches), e.g. the readiness probe."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
-    async def _collect(self) -> list[tuple[Job, asyncio.Future[JobResult]]] | None:
+    async def _collect(self) -> list[Entry] | None:
         first = await self.queue.get()
         if first is None:
             return None
         batch = [first]
-        await asyncio.sleep(0)  # let requests that arrived in the same tick enqueue
         deadline = time.perf_counter() + self.max_wait_s
         while len(batch) < self.max_batch:
             try:
@@ -99,30 +104,61 @@ class MicroBatcher:
         return batch
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             if batch is None:
                 return
-            live = [(job, fut) for job, fut in batch if not fut.done()]  # skip requests whose client left
-            if not live:
-                continue
-            self._busy = True
+            groups: dict[int, list[Entry]] = {}  # one run per engine (two only around a hot reload)
+            for entry in batch:
+                if not entry[2].done():  # skip requests whose client left
+                    groups.setdefault(id(entry[0]), []).append(entry)
+            for group in groups.values():
+                await self._run_group(group)
+
+    async def _run_group(self, group: list[Entry]) -> None:
+        """Run one engine's batch on the encoder thread; the thread hands results straight to the requests."""
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        self._busy = True
+        try:
             try:
-                results = await loop.run_in_executor(self.executor, self.engine.run_batch, [j for j, _ in live])
-            except Exception as exc:  # a bug or a broken model: fail these requests, keep serving others
-                log.exception("batch of %d failed", len(live))
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            finally:
-                self._busy = False
+                self.executor.submit(self._work, loop, group, finished)
+            except RuntimeError as exc:  # the executor is shut down: fail these, never hang them
+                self._deliver(group, BatcherStopped(f"the encoder thread is gone ({exc})"), finished)
+            await finished
+        finally:
+            self._busy = False
+
+    def _work(self, loop: asyncio.AbstractEventLoop, group: list[Entry], finished: asyncio.Future[None]) -> None:
+        """Encoder thread: run the batch, then deliver everything in one event-loop callback.
+
+        (One callback instead of run_in_executor's chained futures saves an event-loop round trip
+        between the batch finishing and the requests resuming.)
+        """
+        engine = group[0][0]
+        try:
+            outcome: list[JobResult] | BaseException = engine.run_batch([job for _, job, _ in group])
+        except Exception as exc:  # a bug or a broken model: fail these requests, keep serving others
+            log.exception("batch of %d failed", len(group))
+            outcome = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(self._deliver, group, outcome, finished)
+
+    def _deliver(
+        self, group: list[Entry], outcome: list[JobResult] | BaseException, finished: asyncio.Future[None]
+    ) -> None:
+        if isinstance(outcome, BaseException):
+            for _, _, fut in group:
+                if not fut.done():
+                    fut.set_exception(outcome)
+        else:
             if self._on_batch is not None:
-                self._on_batch(len(live))
-            for (_, fut), result in zip(live, results, strict=True):
+                self._on_batch(len(group))
+            for (_, _, fut), result in zip(group, outcome, strict=True):
                 if not fut.done():
                     fut.set_result(result)
+        if not finished.done():
+            finished.set_result(None)
 
     async def stop(self, timeout_s: float) -> None:
         """Refuse new jobs, finish the queued ones (up to `timeout_s`), then stop the worker and thread."""
@@ -140,6 +176,6 @@ class MicroBatcher:
                     await self._task
                 while not self.queue.empty():
                     entry = self.queue.get_nowait()
-                    if entry is not None and not entry[1].done():
-                        entry[1].set_exception(BatcherStopped("the service stopped before this request ran"))
+                    if entry is not None and not entry[2].done():
+                        entry[2].set_exception(BatcherStopped("the service stopped before this request ran"))
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -86,6 +86,31 @@ class Engine:
         sessions = bundle.open_sessions(providers, intra_op_threads=intra_op_threads, inter_op_threads=1)
         return cls(bundle, sessions)
 
+    @classmethod
+    def prepare(cls, directory: Path | str, providers: list[str], intra_op_threads: int, warm_batch: int) -> Engine:
+        """Load, validate, probe and warm a bundle, ready to serve (start-up and hot reload; blocking).
+
+        Any failure is one `KarmaError` naming the bundle and the problem: the loader's own checks,
+        and anything else a broken bundle can raise (an unreadable parquet, an ONNX Runtime error
+        in the probe), which is logged with its traceback first.
+        """
+        stage = "load"
+        try:
+            engine = cls.load(directory, providers, intra_op_threads)
+            stage = "probe inference"
+            engine.probe()
+            stage = "warm-up batch"
+            engine.warm(warm_batch)
+        except KarmaError as exc:
+            if stage == "load":
+                raise
+            raise KarmaError(f"bundle {directory}: {stage} failed: {exc}") from None
+        except Exception as exc:  # the bundle's fault as far as the caller can tell; keep the trace in the log
+            log.exception("bundle %s: %s failed", directory, stage)
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise KarmaError(f"bundle {directory}: {stage} failed: {type(exc).__name__}: {detail}") from None
+        return engine
+
     @property
     def model_version(self) -> str:
         return self.manifest.model_version
@@ -142,6 +167,12 @@ class Engine:
         for job, result in zip(jobs, results, strict=True):
             result.seconds = {"queue": max(0.0, started - job.enqueued), **shared}
         return results
+
+    def warm(self, batch_size: int) -> None:
+        """One full-size batch, so the first real requests do not pay ORT's first-run costs."""
+        history = np.arange(self.max_history, dtype=np.int64) % max(self.n_items, 1)
+        empty = np.zeros(0, dtype=np.int64)
+        self.run_batch([Job("warm up " * 8, history, 10, empty) for _ in range(batch_size)])
 
     def probe(self) -> dict[str, Any]:
         """A real inference (query + one history item) and a top-1 search; raises if anything is off."""

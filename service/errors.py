@@ -2,12 +2,17 @@
 
 | status | type | when |
 |---|---|---|
+| 401 | `unauthorized` | admin route without the right `Authorization: Bearer` key |
+| 403 | `admin_disabled` | admin route while no `serve.admin_api_key` is configured |
 | 404 | `not_found` | no such route |
 | 405 | `method_not_allowed` | wrong HTTP method |
 | 413 | `payload_too_large` | body over `serve.max_body_bytes` (refused before parsing) |
 | 422 | `invalid_json` | malformed JSON, or a body that is not UTF-8 |
 | 422 | `validation_error` | wrong types, missing fields, `k` out of range, junk in a query, nothing to search with |
+| 409 | `reload_in_progress` | `/admin/reload` while another reload runs |
 | 422 | `unknown_items` | `/events` item not in the bundle; `/search` history with no known item and no query |
+| 422 | `no_history` | `/search` by `user_id` alone, and the user has no stored history |
+| 422 | `invalid_bundle` | `/admin/reload` of a bundle that fails a check (the old one keeps serving) |
 | 429 | `queue_full` | the encoder queue is full (with `Retry-After`) |
 | 503 | `not_ready` | starting up or draining |
 | 503 | `redis_unavailable` | the request needs Redis and Redis is down (with `Retry-After`) |
@@ -26,11 +31,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 log = logging.getLogger("karma.service")
 
 _HTTP_TYPES = {
     400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
@@ -80,6 +88,13 @@ def error_response(
     return Response(content, status_code=status, headers=headers, media_type="application/json")
 
 
+def service_error_response(exc: ServiceError, metrics: Any | None) -> Response:
+    """The response for a ServiceError, counted in karma_rejected_total (also used outside FastAPI)."""
+    if metrics is not None:
+        metrics.rejected.labels(reason=exc.type).inc()
+    return error_response(exc.status, exc.message, exc.type, exc.field, exc.headers, **exc.extra)
+
+
 def _count(request: Request, reason: str) -> None:
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None:
@@ -119,13 +134,22 @@ def _validation_message(err: dict[str, Any], field: str | None) -> tuple[str, st
     return (f"{field}: {msg}" if field else msg), "validation_error"
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; unexpected exceptions are turned into typed 500s by the ASGI middleware."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> Response:
-        _count(request, exc.type)
-        return error_response(exc.status, exc.message, exc.type, exc.field, exc.headers, **exc.extra)
+        return service_error_response(exc, getattr(request.app.state, "metrics", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -144,12 +168,15 @@ def install_error_handlers(app: FastAPI) -> None:
         type_ = _HTTP_TYPES.get(status, "http_error")
         detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         field = None
+        headers = dict(exc.headers or {})
         if status == 404:
             detail = f"no route {request.method} {request.url.path}"
+        elif status == 405:
+            headers["Allow"] = _allowed_methods(request)
         elif status == 400 and detail == "There was an error parsing the body":
             # FastAPI's answer to a body json.loads cannot decode (e.g. bytes that are not UTF-8):
             # the same kind of client error as malformed JSON, so the same status and type.
             status, type_, field = 422, "invalid_json", "body"
             detail = "the request body is not valid UTF-8 JSON"
         _count(request, type_)
-        return error_response(status, detail, type_, field, dict(exc.headers or {}))
+        return error_response(status, detail, type_, field, headers)

@@ -54,6 +54,18 @@ class Metrics:
         self.redis_errors = Counter(
             "karma_redis_errors_total", "Redis commands that failed (down, timeout, protocol).", registry=r
         )
+        self.reloads = Counter(
+            "karma_reloads_total",
+            "Hot reloads (POST /admin/reload) by outcome: success, rejected (bad bundle), failed (other).",
+            ["outcome"],
+            registry=r,
+        )
+        self.reload_duration = Histogram(
+            "karma_reload_duration_seconds",
+            "Time to load, validate, probe and warm a bundle on reload (any outcome).",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+            registry=r,
+        )
         self.model_info = Gauge(
             "karma_model_info",
             "The served bundle (value 1).",
@@ -61,10 +73,11 @@ class Metrics:
             registry=r,
         )
         # Pre-create the label sets dashboards expect, so they read 0 instead of missing.
-        for stage in STAGES:
-            self.stage_duration.labels(stage=stage)
+        self._stages = {stage: self.stage_duration.labels(stage=stage) for stage in STAGES}  # bound once
         for reason in ("queue_full", "redis_unavailable", "validation_error", "payload_too_large"):
             self.rejected.labels(reason=reason)
+        for outcome in ("success", "rejected", "failed"):
+            self.reloads.labels(outcome=outcome)
 
     def track_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
@@ -84,7 +97,7 @@ class Metrics:
 
     def observe_stages(self, seconds: dict[str, float]) -> None:
         for stage, value in seconds.items():
-            self.stage_duration.labels(stage=stage).observe(value)
+            self._stages[stage].observe(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,6 +3,7 @@
 - a request id (the client's `X-Request-Id` if sane, else a new one), echoed in the response;
 - the body-size limit: bodies over `max_body_bytes` get 413 before any parsing (Content-Length is
   checked first; chunked bodies are counted while read);
+- the fast path for valid `POST /search` requests (service.fastpath), which needs the buffered body;
 - in-flight accounting, so shutdown can drain;
 - `karma_request_duration_seconds{endpoint,method,status}` and one JSON access-log line;
 - the last line of defence: an exception that escaped every handler is a bug, logged with its
@@ -15,13 +16,16 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
 from service.logs import request_id_var
 from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.fastpath import FastSearch
 
 log = logging.getLogger("karma.service")
 access_log = logging.getLogger("karma.service.access")
@@ -42,8 +46,17 @@ class InFlight:
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, in_flight: InFlight, max_body_bytes: int, access: bool):
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        in_flight: InFlight,
+        max_body_bytes: int,
+        access: bool,
+        fast: FastSearch | None = None,
+    ):
         self.app = app
+        self.fast = fast
         self.metrics = metrics
         self.in_flight = in_flight
         self.max_body_bytes = max_body_bytes
@@ -75,18 +88,25 @@ class ServiceMiddleware:
         self.metrics.in_flight.inc()
         try:
             app_receive = receive
+            body: bytes | None = None
             if scope["method"] in _BODY_METHODS:
                 refused = self._check_length(headers.get("content-length"))
                 if refused is None:
                     try:
-                        app_receive = await self._buffer(receive)
+                        body = await self._read_body(receive)
                     except _BodyTooLarge:
                         refused = f"request body is over the {self.max_body_bytes}-byte limit"
                 if refused is not None:
                     self.metrics.rejected.labels(reason="payload_too_large").inc()
                     await error_response(413, refused, "payload_too_large", "body")(scope, receive, send_with_id)
                     return
+                app_receive = _replay(body, receive)
             try:
+                if body is not None and self.fast is not None and self.fast.applies(scope):
+                    answer = await self.fast(scope, headers.get("content-type"), body)
+                    if answer is not None:
+                        await answer(scope, receive, send_with_id)
+                        return
                 await self.app(scope, app_receive, send_with_id)
             except Exception:
                 log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
@@ -132,28 +152,30 @@ class ServiceMiddleware:
             return f"request body is {length} bytes, over the {self.max_body_bytes}-byte limit"
         return None
 
-    async def _buffer(self, receive: Receive) -> Receive:
-        """Read the whole body (bounded), then hand it to the app as one message."""
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body (bounded by max_body_bytes), or None if the client disconnected first."""
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                pending: Message | None = message
-                break
+                return None
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_body_bytes:
                 raise _BodyTooLarge
             chunks.append(body)
             if not message.get("more_body", False):
-                pending = None
-                break
-        replay: list[Message] = [pending] if pending else [{"type": "http.request", "body": b"".join(chunks)}]
+                return b"".join(chunks)
 
-        async def replay_receive() -> Message:
-            if replay:
-                return replay.pop(0)
-            return await receive()
 
-        return replay_receive
+def _replay(body: bytes | None, receive: Receive) -> Receive:
+    """Hand a buffered body (None: a disconnect) to the app as one message, then the live channel."""
+    replay: list[Message] = [{"type": "http.disconnect"} if body is None else {"type": "http.request", "body": body}]
+
+    async def replay_receive() -> Message:
+        if replay:
+            return replay.pop(0)
+        return await receive()
+
+    return replay_receive

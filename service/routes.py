@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Path, Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from service.batching import BatcherStopped, QueueFull
 from service.engine import Job
@@ -18,26 +18,35 @@ from service.metrics import CONTENT_TYPE
 from service.schemas import (
     ERROR_RESPONSES,
     MAX_ID_CHARS,
+    PATH_ID_PATTERN,
     EventRequest,
     EventResponse,
     HistoryResponse,
     SearchRequest,
     SearchResponse,
-    check_text,
+    check_id,
 )
 from service.state import ServiceState
 
 router = APIRouter()
 
 _EMPTY = np.zeros(0, dtype=np.int64)
-UserIdPath = Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS, description="The user's id.")]
+UserIdPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=MAX_ID_CHARS,
+        description="The user's id (an id with '/' cannot be addressed in a path).",
+        json_schema_extra={"pattern": PATH_ID_PATTERN},
+    ),
+]
 
 
 def _svc(request: Request) -> ServiceState:
     return request.app.state.svc
 
 
-def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
     return Response(body, status_code=status, headers=headers, media_type="application/json")
 
@@ -53,7 +62,7 @@ def _redis_down(svc: ServiceState, exc: RedisUnavailable) -> ServiceError:
 
 def _user_id(user_id: str) -> str:
     try:
-        return check_text(user_id, "user_id")
+        return check_id(user_id, "user_id")
     except ValueError as exc:
         raise ServiceError(422, "validation_error", str(exc), "user_id") from None
 
@@ -70,19 +79,25 @@ async def search(body: SearchRequest, request: Request) -> Response:
     Without `history`, the user's history is read from Redis by `user_id` (503 if Redis is down).
     Stage timings come back in `timings_ms` and as `X-<Stage>-Time` headers (milliseconds).
     """
-    svc = _svc(request)
+    # Valid requests normally take service.fastpath (same model, same code below, no FastAPI
+    # dispatch); this route documents the API and answers every request the fast path declines.
+    return await run_search(_svc(request), body, request.scope["state"]["t0"])
+
+
+async def run_search(svc: ServiceState, body: SearchRequest, started: float) -> Response:
+    """The /search work after validation; `started` is the request's arrival (perf_counter)."""
     engine, batcher = svc.serving()
     config = svc.config
-    started = request.scope["state"]["t0"]
 
-    query = (body.query or "").strip()
-    if len(query) > config.max_query_chars:
+    raw_query = body.query or ""
+    if len(raw_query) > config.max_query_chars:
         raise ServiceError(
             422,
             "validation_error",
-            f"query is {len(query)} characters, over the {config.max_query_chars} limit",
+            f"query is {len(raw_query)} characters, over the {config.max_query_chars} limit",
             "query",
         )
+    query = raw_query.strip()
 
     t = time.perf_counter()
     from_redis = body.history is None and body.user_id is not None
@@ -90,7 +105,7 @@ async def search(body: SearchRequest, request: Request) -> Response:
         ids: list[str] = body.history
     elif body.user_id is not None:
         try:
-            ids = [e.item_id for e in await svc.history.read(body.user_id, engine.max_history)]
+            ids = await svc.history.read_item_ids(body.user_id, engine.max_history)
         except RedisUnavailable as exc:
             raise _redis_down(svc, exc) from None
     else:
@@ -120,7 +135,7 @@ async def search(body: SearchRequest, request: Request) -> Response:
             )
         if from_redis:
             raise ServiceError(
-                422, "validation_error", f"user {body.user_id!r} has no stored history and there is no query", "query"
+                422, "no_history", f"user {body.user_id!r} has no stored history and there is no query", "query"
             )
         raise ServiceError(
             422,
@@ -133,7 +148,7 @@ async def search(body: SearchRequest, request: Request) -> Response:
     resolve_s = time.perf_counter() - t
 
     try:
-        result = await batcher.submit(job)
+        result = await batcher.submit(engine, job)
     except QueueFull as exc:
         raise ServiceError(
             429, "queue_full", f"{exc}; retry later", headers={"Retry-After": str(config.retry_after_s)}
@@ -168,7 +183,7 @@ async def search(body: SearchRequest, request: Request) -> Response:
     headers = {f"X-{stage.capitalize()}-Time": f"{value:.3f}" for stage, value in timings.items()}
     headers["Server-Timing"] = ", ".join(f"{stage};dur={value:.3f}" for stage, value in timings.items())
     headers["X-Model-Version"] = engine.model_version
-    return _json(payload, headers=headers)
+    return json_response(payload, headers=headers)
 
 
 @router.post("/events", response_model=EventResponse, responses=ERROR_RESPONSES, summary="Record a click")
@@ -187,7 +202,7 @@ async def post_event(body: EventRequest, request: Request) -> Response:
         )
     except RedisUnavailable as exc:
         raise _redis_down(svc, exc) from None
-    return _json({"user_id": body.user_id, "item_id": body.item_id, "history_length": length})
+    return json_response({"user_id": body.user_id, "item_id": body.item_id, "history_length": length})
 
 
 @router.get(
@@ -203,7 +218,7 @@ async def get_history(user_id: UserIdPath, request: Request) -> Response:
     except RedisUnavailable as exc:
         raise _redis_down(svc, exc) from None
     items = [{"item_id": e.item_id, "timestamp": e.timestamp} for e in events]
-    return _json({"user_id": user_id, "items": items, "max_history": engine.max_history})
+    return json_response({"user_id": user_id, "items": items, "max_history": engine.max_history})
 
 
 @router.delete("/users/{user_id}/history", responses=ERROR_RESPONSES, summary="Forget a user's clicks")
@@ -215,7 +230,7 @@ async def delete_history(user_id: UserIdPath, request: Request) -> Response:
         deleted = await svc.history.clear(user_id)
     except RedisUnavailable as exc:
         raise _redis_down(svc, exc) from None
-    return _json({"user_id": user_id, "deleted": deleted})
+    return json_response({"user_id": user_id, "deleted": deleted})
 
 
 @router.get("/healthz", summary="Liveness")
@@ -237,14 +252,19 @@ async def readyz(request: Request) -> Response:
             {"Retry-After": str(svc.config.retry_after_s)},
             checks=checks,
         )
-    return _json({"ready": True, "model_version": svc.engine.model_version, "checks": checks})
+    return json_response({"ready": True, "model_version": svc.engine.model_version, "checks": checks})
 
 
 @router.get("/info", summary="The served bundle, runtime and batching settings")
 async def info(request: Request) -> Response:
-    return _json(_svc(request).info())
+    return json_response(_svc(request).info())
 
 
-@router.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Text format 1.0.0."}},
+)
 async def metrics(request: Request) -> Response:
     return Response(_svc(request).metrics.render(), media_type=CONTENT_TYPE)

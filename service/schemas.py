@@ -8,11 +8,18 @@ Policies the models document (and the service enforces):
   newline) and lone UTF-16 surrogates are refused with 422, as are queries over `serve.max_query_chars`
   (enforced in the route, so the limit follows the config).
 - Unknown JSON fields are refused (a typo such as `histroy` must not silently change the result).
+
+The OpenAPI schema states these rules as far as JSON Schema can (patterns for ids and queries, the
+"query, history or user_id" rule as an `anyOf`, integer item ids), so a schema-valid request is
+only refused for what depends on server state: items not in the catalog (`unknown_items`), a user
+without stored history (`no_history`), a bundle that fails its checks (`invalid_bundle`), or a
+body over the size limit. `benchmarks/fuzz_service.py` holds the service to exactly that.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -30,13 +37,33 @@ from pydantic import (
 
 MAX_K = 1000
 MAX_ID_CHARS = 256
+INT_IDS = (-(2**53 - 1), 2**53 - 1)  # integer ids: JSON's exactly representable range (JavaScript's safe integers)
 _ALLOWED_CONTROL = {"\t", "\n", "\r"}
+
+# The text rules of `check_text` as JSON Schema patterns (ECMA-262 and Python `re` read them alike):
+# no C0/C1 control characters except tab, newline and carriage return (lone surrogates cannot be
+# sent as UTF-8 at all); ids must also hold a non-space character; path ids no '/'.
+_TEXT_CHAR = r"[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+_ID_SOLID = r"[^\s\x00-\x1f\x7f-\x9f]"
+TEXT_PATTERN = f"^{_TEXT_CHAR}*$"
+ID_PATTERN = f"^{_TEXT_CHAR}*{_ID_SOLID}{_TEXT_CHAR}*$"
+PATH_ID_PATTERN = ID_PATTERN.replace("[^", "[^/")
 
 
 def _id_to_str(value: Any) -> Any:
-    """Item ids are strings; plain JSON integers (MovieLens-style ids) are accepted as their decimal text."""
+    """Item ids are strings; JSON integers (MovieLens-style ids, within +-(2**53 - 1)) are taken as their text."""
+    value = _integral(value)  # JSON Schema's integer includes 12.0
     if isinstance(value, int) and not isinstance(value, bool):
+        if not INT_IDS[0] <= value <= INT_IDS[1]:
+            raise ValueError("integer item ids must be within +-(2**53 - 1); send larger ids as strings")
         return str(value)
+    return value
+
+
+def _integral(value: Any) -> Any:
+    """JSON Schema's `integer` includes 10.0: a float with no fraction is that integer (booleans stay refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     return value
 
 
@@ -51,30 +78,38 @@ def check_text(value: str, what: str) -> str:
     return value
 
 
-def _check_id(value: str) -> str:
-    check_text(value, "id")
+def check_id(value: str, what: str = "id") -> str:
+    """`check_text`, and not blank."""
+    check_text(value, what)
     if not value.strip():
         raise ValueError("ids must not be blank")
     return value
 
 
+_LEAP_SECOND = re.compile(r"^(\d{4}-\d\d-\d\d[T ]\d\d:\d\d:)60")
+
+
 def _parse_time(value: Any) -> float:
-    """Unix seconds (number) or ISO 8601 text (naive = UTC) -> Unix seconds; finite and >= 0."""
+    """Unix seconds (a number >= 0) or an ISO 8601 / RFC 3339 time (naive = UTC) -> Unix seconds.
+
+    Times before 1970 given as text become negative Unix seconds (stored as given); RFC 3339's
+    lowercase 't'/'z' and a leap second (:60, read as :59) are accepted.
+    """
     if isinstance(value, bool):
         raise ValueError("must be Unix seconds or an ISO 8601 time, not a boolean")
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value.strip())
-        except ValueError:
-            raise ValueError(f"{value[:40]!r} is neither Unix seconds nor an ISO 8601 time") from None
-        seconds = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
-    else:
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError("must be a finite, non-negative Unix time")
+        return seconds
+    if not isinstance(value, str):
         raise ValueError("must be Unix seconds or an ISO 8601 time")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError("must be a finite, non-negative Unix time")
-    return seconds
+    text = _LEAP_SECOND.sub(r"\g<1>59", value.strip().upper())
+    try:
+        parsed = datetime.fromisoformat(text)
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
+        raise ValueError(f"{value[:40]!r} is neither Unix seconds nor an ISO 8601 time") from None
 
 
 Timestamp = Annotated[
@@ -82,8 +117,28 @@ Timestamp = Annotated[
     BeforeValidator(_parse_time),
     WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "format": "date-time"}]}),
 ]
-ItemId = Annotated[str, BeforeValidator(_id_to_str), Field(min_length=1, max_length=MAX_ID_CHARS)]
-UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+_ID_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": ID_PATTERN}
+ItemId = Annotated[
+    str,
+    BeforeValidator(_id_to_str),
+    Field(min_length=1, max_length=MAX_ID_CHARS),
+    WithJsonSchema({"anyOf": [_ID_TEXT, {"type": "integer", "minimum": INT_IDS[0], "maximum": INT_IDS[1]}]}),
+]
+UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, json_schema_extra={"pattern": ID_PATTERN})]
+K = Annotated[StrictInt, BeforeValidator(_integral)]
+
+
+def _something_to_search(schema: dict[str, Any]) -> None:
+    """A non-blank query, a non-empty history, or a user_id without `history` (whose stored history is used)."""
+    schema["examples"] = [
+        {"query": "red running shoes", "history": ["i0000012", "i0000345"], "k": 10},
+        {"user_id": "u42", "query": "gift for dad", "k": 20, "exclude_history": False},
+    ]
+    schema["anyOf"] = [
+        {"required": ["query"], "properties": {"query": {"type": "string", "pattern": r"\S"}}},
+        {"required": ["history"], "properties": {"history": {"type": "array", "minItems": 1}}},
+        {"required": ["user_id"], "properties": {"user_id": {"type": "string"}, "history": {"type": "null"}}},
+    ]
 
 
 class _Strict(BaseModel):
@@ -96,23 +151,19 @@ class SearchRequest(_Strict):
     user_id: UserId | None = Field(
         None, description="Whose stored history to use when `history` is absent (ignored when it is given)."
     )
-    query: str | None = Field(None, description="Query text (any language, emoji fine); empty means no query.")
+    query: str | None = Field(
+        None,
+        description="Query text (any language, emoji fine); blank means no query. At most serve.max_query_chars.",
+        json_schema_extra={"pattern": TEXT_PATTERN},
+    )
     history: list[ItemId] | None = Field(
         None,
         description="Clicked item ids, oldest first. Given: used as is (Redis is not read). Absent: read by user_id.",
     )
-    k: StrictInt = Field(10, ge=1, le=MAX_K, description="How many items to return (1..1000).")
+    k: K = Field(10, ge=1, le=MAX_K, description="How many items to return (1..1000).")
     exclude_history: StrictBool = Field(True, description="Leave the history's items out of the results.")
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"query": "red running shoes", "history": ["i0000012", "i0000345"], "k": 10},
-                {"user_id": "u42", "query": "gift for dad", "k": 20, "exclude_history": False},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_something_to_search)
 
     @field_validator("query")
     @classmethod
@@ -122,14 +173,14 @@ class SearchRequest(_Strict):
     @field_validator("user_id")
     @classmethod
     def _user(cls, value: str | None) -> str | None:
-        return None if value is None else _check_id(value)
+        return None if value is None else check_id(value)
 
     @field_validator("history")
     @classmethod
     def _history_ids(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
             for item in value:
-                check_text(item, "item id")
+                check_id(item)
         return value
 
 
@@ -201,7 +252,7 @@ class EventRequest(_Strict):
     @field_validator("user_id", "item_id")
     @classmethod
     def _ids(cls, value: str) -> str:
-        return _check_id(value)
+        return check_id(value)
 
     def epoch_seconds(self, now: float) -> float:
         return now if self.timestamp is None else self.timestamp

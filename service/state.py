@@ -1,13 +1,23 @@
-"""What one running app holds (`app.state.svc`): config, engine, batcher, Redis store, metrics, lifecycle."""
+"""What one running app holds (`app.state.svc`): config, engine, batcher, Redis store, metrics, lifecycle.
+
+Hot reload (`reload`): the new bundle is loaded, validated, probed and warmed in a worker thread
+beside the serving one (the encoder keeps serving meanwhile); only then is `self.engine` replaced,
+in one step of the event loop. A request holds the engine it started with until it answers (its
+item ids were resolved with it, and its job runs on it), so requests in flight finish on the old
+bundle and every later request gets the new one. A bundle that fails any check is refused and the
+old one keeps serving.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from karma.config import ServeConfig
+from karma.errors import KarmaError
 from service.batching import MicroBatcher
 from service.engine import Engine, select_providers
 from service.errors import ServiceError
@@ -29,6 +39,10 @@ class ServiceState:
             config.redis_url, config.redis_key_prefix, config.redis_timeout_s, metrics.redis_errors
         )
         self.providers: list[str] = []
+        self.bundle_path: Path | None = config.bundle
+        self.loaded_at: float | None = None
+        self.last_reload: dict[str, Any] | None = None
+        self._reloading = False
         self.ready = False
         self.draining = False
         self.started_at: float | None = None
@@ -42,11 +56,9 @@ class ServiceState:
         config = self.config
         assert config.bundle is not None
         self.providers = select_providers(config.providers)
-        engine = await asyncio.to_thread(Engine.load, config.bundle, self.providers, config.intra_op_threads)
-        await asyncio.to_thread(self._warm, engine)
-        self.engine = engine
+        engine = await asyncio.to_thread(self._prepare, config.bundle)
+        self._install(engine, config.bundle)
         self.batcher = MicroBatcher(
-            engine,
             config.max_batch_size,
             config.max_batch_wait_ms / 1000.0,
             config.queue_size,
@@ -54,14 +66,6 @@ class ServiceState:
         )
         batcher = self.batcher
         self.metrics.track_queue(lambda: batcher.depth)
-        self.metrics.set_model(
-            engine.model_version,
-            engine.manifest.dims.embed_dim,
-            engine.parameters,
-            engine.flops_per_request,
-            engine.sessions.providers[0],
-            engine.manifest.index.type,
-        )
         try:
             await self.history.ping()
         except RedisUnavailable as exc:
@@ -83,17 +87,73 @@ class ServiceState:
             self.startup_seconds,
         )
 
-    def _warm(self, engine: Engine) -> None:
-        """A probe plus one full-size batch, so the first real requests do not pay ORT's first-run costs."""
-        engine.probe()
-        import numpy as np
+    def _prepare(self, directory: Path) -> Engine:
+        """Load + validate + probe + warm (blocking: run it in a worker thread)."""
+        return Engine.prepare(directory, self.providers, self.config.intra_op_threads, self.config.max_batch_size)
 
-        from service.engine import Job
+    def _install(self, engine: Engine, directory: Path) -> None:
+        """Make `engine` the one new requests get (no await inside: atomic for the event loop)."""
+        self.engine = engine
+        self.bundle_path = directory
+        self.loaded_at = time.time()
+        self.metrics.set_model(
+            engine.model_version,
+            engine.manifest.dims.embed_dim,
+            engine.parameters,
+            engine.flops_per_request,
+            engine.sessions.providers[0],
+            engine.manifest.index.type,
+        )
 
-        size = self.config.max_batch_size
-        history = np.arange(engine.max_history, dtype=np.int64) % max(engine.n_items, 1)
-        jobs = [Job("warm up " * 8, history, 10, np.zeros(0, dtype=np.int64)) for _ in range(size)]
-        engine.run_batch(jobs)
+    async def reload(self, directory: Path | None) -> dict[str, Any]:
+        """Load `directory` (default: the served folder again) beside the serving bundle, then swap.
+
+        Raises ServiceError: 409 while another reload runs, 422 `invalid_bundle` (naming the problem)
+        when the bundle fails any check; the old bundle keeps serving in both cases.
+        """
+        old, _ = self.serving()
+        if self._reloading:
+            raise ServiceError(409, "reload_in_progress", "another reload is in progress; retry when it has finished")
+        target = self.bundle_path if directory is None else directory
+        assert target is not None
+        self._reloading = True
+        began = time.perf_counter()
+        outcome = "failed"
+        try:
+            engine = await asyncio.to_thread(self._prepare, target)
+            old, _ = self.serving()  # not while draining; and the engine serving now is the one replaced
+            self._install(engine, target)
+            outcome = "success"
+        except KarmaError as exc:
+            outcome = "rejected"
+            raise ServiceError(
+                422,
+                "invalid_bundle",
+                f"reload refused, still serving {old.model_version}: {exc}",
+                "bundle",
+                extra={"model_version": old.model_version},
+            ) from None
+        finally:
+            seconds = time.perf_counter() - began
+            self._reloading = False
+            self.metrics.reloads.labels(outcome=outcome).inc()
+            self.metrics.reload_duration.observe(seconds)
+            self.last_reload = {"at": time.time(), "outcome": outcome, "bundle": str(target), "seconds": seconds}
+        log.info(
+            "reloaded: now serving %s (model %s, was %s) after %.2f s",
+            target,
+            engine.model_version,
+            old.model_version,
+            seconds,
+        )
+        return {
+            "model_version": engine.model_version,
+            "previous_model_version": old.model_version,
+            "bundle": str(target),
+            "n_items": engine.n_items,
+            "embed_dim": engine.manifest.dims.embed_dim,
+            "seconds": round(seconds, 4),
+        }
 
     async def stop(self) -> None:
         """Refuse new requests, let in-flight ones finish (up to drain_timeout_s), then stop."""
@@ -160,7 +220,10 @@ class ServiceState:
         config = self.config
         out: dict[str, Any] = {
             "ready": self.ready and not self.draining,
-            "bundle": str(config.bundle),
+            "bundle": str(self.bundle_path),
+            "loaded_at": self.loaded_at,
+            "last_reload": self.last_reload,
+            "admin_enabled": config.admin_api_key is not None,
             "providers": self.providers,
             "intra_op_threads": config.intra_op_threads,
             "batching": {

@@ -234,7 +234,7 @@ def test_search_by_user_id_reads_the_history_stored_by_events(bundle_dir: Path, 
             assert_same_ranking(by_user, *direct_search(reference, "lamp", clicks[-max_history:], 15, True))
 
             # A user without history and without a query has nothing to search with.
-            assert_error(await client.post("/search", json={"user_id": "nobody"}), 422, "validation_error", "query")
+            assert_error(await client.post("/search", json={"user_id": "nobody"}), 422, "no_history", "query")
             r = await client.get("/users/nobody/history")
             assert r.status_code == 200 and r.json()["items"] == []
             r = await client.delete("/users/alice/history")
@@ -530,6 +530,43 @@ def test_concurrent_requests_are_micro_batched_without_changing_results(
                 np.testing.assert_allclose(
                     [i["score"] for i in got["items"]], [i["score"] for i in single["items"]], atol=1e-5
                 )
+
+    run(scenario())
+
+
+@needs_redis
+def test_fast_path_and_the_fastapi_route_answer_alike(
+    bundle_dir: Path, reference: dict, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Valid POST /search bodies take service.fastpath; a `+json` content type goes through FastAPI instead."""
+    import service.fastpath
+
+    items = catalog(reference)
+    body = json.dumps({"query": "wool scarf", "history": [items[4], 12345, items[8]], "k": 7}).encode()
+    fast_calls: list[int] = []
+    real = service.fastpath.run_search
+
+    async def counted(*args: Any) -> Any:
+        fast_calls.append(1)
+        return await real(*args)
+
+    monkeypatch.setattr(service.fastpath, "run_search", counted)
+
+    async def scenario() -> None:
+        async with serving(bundle_dir, prefix) as (_, client):
+            via_fast = await client.post("/search", content=body, headers=JSON)
+            assert len(fast_calls) == 1
+            via_fastapi = await client.post("/search", content=body, headers={"content-type": "application/x+json"})
+            declined = await client.post("/search", content=b'{"query": "x", "k": 0}', headers=JSON)
+            assert len(fast_calls) == 1  # FastAPI answered the +json request and the invalid one
+            assert via_fast.status_code == via_fastapi.status_code == 200
+            a, b = via_fast.json(), via_fastapi.json()
+            assert a["items"] == b["items"] and a["unknown_items"] == b["unknown_items"] == ["12345"]
+            assert set(via_fast.headers) == set(via_fastapi.headers)
+            assert_error(declined, 422, "validation_error", "k")
+            samples = metric_samples((await client.get("/metrics")).text)
+            assert sample(samples, "karma_request_duration_seconds_count", endpoint="/search", status="200") == 2
+            assert sample(samples, "karma_stage_duration_seconds_count", stage="total") == 2
 
     run(scenario())
 
