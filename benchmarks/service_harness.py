@@ -8,21 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
-import httpx
+from service import launcher
 
 KARMA = str(Path(sys.executable).with_name("karma"))
 REPO = Path(__file__).resolve().parents[1]
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+THREAD_ENV = launcher.THREAD_ENV
 
 # A seconds-scale model: tiny backbone, hashing text features, short training.
 TINY = [
@@ -63,61 +58,8 @@ def build_bundle(workdir: Path, overrides: list[str]) -> Path:
     return bundle
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def karma_serve(bundle: Path, redis_url: str, sets: list[str] = (), env: dict[str, str] | None = None,
+                timeout_s: float = 120) -> contextlib.AbstractContextManager[tuple[str, str]]:  # fmt: skip
+    """`service.launcher.karma_serve`, run from the repository root."""
+    return launcher.karma_serve(bundle, redis_url, sets, env, timeout_s, cwd=REPO)
 
-
-@contextlib.contextmanager
-def karma_serve(
-    bundle: Path, redis_url: str, sets: list[str] = (), env: dict[str, str] | None = None, timeout_s: float = 120
-) -> Iterator[tuple[str, str]]:
-    """Run `karma serve` on a free port with its own Redis key prefix; yields (base URL, prefix).
-
-    On exit: SIGTERM (graceful drain), then the prefix's Redis keys are deleted.
-    """
-    port = free_port()
-    prefix = f"karma-bench-{uuid.uuid4().hex[:12]}-"
-    command = [
-        KARMA, "serve", "--bundle", str(bundle), "--port", str(port),
-        "--set", f"serve.redis_url={redis_url}", "--set", f"serve.redis_key_prefix={prefix}",
-        *[arg for s in sets for arg in ("--set", s)],
-    ]  # fmt: skip
-    with tempfile.TemporaryFile("w+") as log:  # the server's JSON log; shown if it fails to start
-        proc = subprocess.Popen(command, cwd=REPO, env={**os.environ, **THREAD_ENV, **(env or {})}, stderr=log)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            _wait_ready(proc, base, log, timeout_s)
-            yield base, prefix
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            delete_prefix(redis_url, prefix)
-
-
-def _wait_ready(proc: subprocess.Popen, base: str, log: IO[str], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            log.seek(0)
-            sys.exit(f"karma serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                return
-        if time.monotonic() > deadline:
-            sys.exit(f"karma serve did not become ready in {timeout_s} s")
-        time.sleep(0.2)
-
-
-def delete_prefix(redis_url: str, prefix: str) -> None:
-    import redis
-
-    with contextlib.suppress(redis.RedisError):
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])

@@ -144,72 +144,34 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo("demo: done")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _demo_serve_and_search(bundle_dir: Path, cfg: KarmaConfig, dataset, split) -> None:
     """Start `karma serve` as its own process, replay a test user's clicks into Redis, search by user id."""
-    import subprocess
-
     import httpx
 
-    port = _free_port()
-    prefix = f"karma-demo-{port}-"
-    command = [
-        *(sys.executable, "-m", "karma.cli", "serve", "--bundle", str(bundle_dir), "--port", str(port)),
-        *("--set", f"serve.redis_url={cfg.serve.redis_url}", "--set", f"serve.redis_key_prefix={prefix}"),
-    ]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=10.0) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                if server.poll() is not None:
-                    raise KarmaError(f"karma serve exited with {server.returncode}: {server.stderr.read()[-2000:]}")
-                try:
-                    ready = client.get("/readyz")
-                    if ready.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise KarmaError(f"karma serve did not become ready on {base} within 120 s")
-                time.sleep(0.25)
-            position = int(split.test_pos[0])
-            user = str(dataset.interactions.user_ids[split.seq_users[position]])
-            start = split.user_offsets[split.seq_users[position]]
-            history = [str(dataset.catalog.item_ids[i]) for i in split.seq_items[max(start, position - 10) : position]]
-            for item_id in history:
-                client.post("/events", json={"user_id": user, "item_id": item_id}).raise_for_status()
-            query = (
-                dataset.interactions.query[split.seq_events[position]]
-                if dataset.interactions.query is not None
-                else None
-            )
-            body = {"user_id": user, "k": 5, **({"query": query} if query else {})}
-            response = client.post("/search", json=body)
-            response.raise_for_status()
-            result = response.json()
-            typer.echo(f"      POST {base}/search {json.dumps(body)}")
-            typer.echo(f"      model {result['model_version']}, history from Redis: {result['history_used']} items, "
-                       f"timings_ms {json.dumps(result['timings_ms'])}")  # fmt: skip
-            target = str(dataset.catalog.item_ids[split.seq_items[position]])
-            for item in result["items"]:
-                mark = "  <- the clicked item" if item["item_id"] == target else ""
-                typer.echo(f"        {item['score']:6.3f}  {item['item_id']}  {item.get('title') or ''}{mark}")
-            client.delete(f"/users/{user}/history")
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    from service.launcher import karma_serve
+
+    with karma_serve(bundle_dir, cfg.serve.redis_url) as (base, _), httpx.Client(base_url=base, timeout=10.0) as client:
+        position = int(split.test_pos[0])
+        user = str(dataset.interactions.user_ids[split.seq_users[position]])
+        start = split.user_offsets[split.seq_users[position]]
+        history = [str(dataset.catalog.item_ids[i]) for i in split.seq_items[max(start, position - 10) : position]]
+        for item_id in history:
+            client.post("/events", json={"user_id": user, "item_id": item_id}).raise_for_status()
+        queries = dataset.interactions.query
+        query = queries[split.seq_events[position]] if queries is not None else None
+        body = {"user_id": user, "k": 5, **({"query": query} if query else {})}
+        response = client.post("/search", json=body)
+        response.raise_for_status()
+        result = response.json()
+        typer.echo(f"      POST {base}/search {json.dumps(body)}")
+        typer.echo(
+            f"      model {result['model_version']}, history from Redis: {result['history_used']} items, "
+            f"timings_ms {json.dumps(result['timings_ms'])}"
+        )
+        target = str(dataset.catalog.item_ids[split.seq_items[position]])
+        for item in result["items"]:
+            mark = "  <- the clicked item" if item["item_id"] == target else ""
+            typer.echo(f"        {item['score']:6.3f}  {item['item_id']}  {item.get('title') or ''}{mark}")
 
 
 def _demo_export_and_search(checkpoint: Path, bundle_dir: Path, dataset, split) -> None:

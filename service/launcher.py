@@ -1,0 +1,85 @@
+"""Run `karma serve` as its own process and wait until it is ready (torch-free).
+
+Used by `karma demo` and the service benchmarks, so "start the real server on a free loopback
+port, wait for /readyz, stop it with SIGTERM (graceful drain), remove its Redis keys" exists once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from karma.errors import KarmaError
+
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def delete_prefix(redis_url: str, prefix: str) -> None:
+    """Delete every Redis key under `prefix` (best effort: Redis may be gone)."""
+    import redis
+
+    with contextlib.suppress(redis.RedisError):
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+
+
+@contextlib.contextmanager
+def karma_serve(
+    bundle: Path,
+    redis_url: str,
+    sets: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    timeout_s: float = 120,
+    cwd: Path | None = None,
+) -> Iterator[tuple[str, str]]:
+    """Run `karma serve` on a free port with its own Redis key prefix; yields (base URL, prefix)."""
+    import httpx
+
+    port = free_port()
+    prefix = f"karma-run-{uuid.uuid4().hex[:12]}-"
+    command = [
+        *(sys.executable, "-m", "karma.cli", "serve", "--bundle", str(bundle), "--port", str(port)),
+        *("--set", f"serve.redis_url={redis_url}", "--set", f"serve.redis_key_prefix={prefix}"),
+        *[arg for s in sets for arg in ("--set", s)],
+    ]
+    with tempfile.TemporaryFile("w+") as log:  # the server's JSON log; shown if it fails to start
+        proc = subprocess.Popen(
+            command, cwd=cwd, env={**os.environ, **THREAD_ENV, **(env or {})}, stdout=subprocess.DEVNULL, stderr=log
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    raise KarmaError(f"karma serve exited with {proc.returncode}: {log.read()[-3000:]}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise KarmaError(f"karma serve did not become ready on {base} within {timeout_s:.0f} s")
+                time.sleep(0.2)
+            yield base, prefix
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            delete_prefix(redis_url, prefix)
