@@ -62,4 +62,3 @@ def karma_serve(bundle: Path, redis_url: str, sets: list[str] = (), env: dict[st
                 timeout_s: float = 120) -> contextlib.AbstractContextManager[tuple[str, str]]:  # fmt: skip
     """`service.launcher.karma_serve`, run from the repository root."""
     return launcher.karma_serve(bundle, redis_url, sets, env, timeout_s, cwd=REPO)
-

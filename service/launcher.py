@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from karma.errors import KarmaError
@@ -39,6 +39,22 @@ def delete_prefix(redis_url: str, prefix: str) -> None:
             client.delete(*keys[start : start + 1000])
 
 
+def wait_ready(proc: subprocess.Popen, base: str, timeout_s: float, exit_detail: Callable[[], str]) -> None:
+    """Poll `base`/readyz until 200; raise if the process exits (with `exit_detail()`) or time runs out."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise KarmaError(f"karma serve exited with {proc.returncode}: {exit_detail()[-3000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise KarmaError(f"karma serve did not become ready on {base} within {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def karma_serve(
     bundle: Path,
@@ -49,8 +65,6 @@ def karma_serve(
     cwd: Path | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Run `karma serve` on a free port with its own Redis key prefix; yields (base URL, prefix)."""
-    import httpx
-
     port = free_port()
     prefix = f"karma-run-{uuid.uuid4().hex[:12]}-"
     command = [
@@ -64,17 +78,7 @@ def karma_serve(
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + timeout_s
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise KarmaError(f"karma serve exited with {proc.returncode}: {log.read()[-3000:]}")
-                with contextlib.suppress(httpx.TransportError):
-                    if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                        break
-                if time.monotonic() > deadline:
-                    raise KarmaError(f"karma serve did not become ready on {base} within {timeout_s:.0f} s")
-                time.sleep(0.2)
+            wait_ready(proc, base, timeout_s, lambda: (log.seek(0), log.read())[1])
             yield base, prefix
         finally:
             proc.terminate()

@@ -13,10 +13,8 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -33,6 +31,7 @@ from karma.bundle import load_bundle
 from karma.config import ServeConfig, load_config
 from karma.featurize import history_features, pad_histories
 from service.app import create_app
+from service.launcher import free_port, wait_ready
 from tests.conftest import KARMA_BIN, REPO, tiny_train_overrides
 
 REDIS_URL = os.environ.get("KARMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -674,15 +673,9 @@ sys.exit(1 if bad else 0)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @needs_redis
 def test_karma_serve_runs_uvicorn_and_stops_cleanly_on_sigterm(bundle_dir: Path, prefix: str) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [KARMA_BIN, "serve", "--bundle", str(bundle_dir), "--port", str(port),
          "--set", f"serve.redis_url={REDIS_URL}", "--set", f"serve.redis_key_prefix={prefix}"],
@@ -690,16 +683,7 @@ def test_karma_serve_runs_uvicorn_and_stops_cleanly_on_sigterm(bundle_dir: Path,
     )  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "karma serve did not become ready in 60 s"
-            time.sleep(0.2)
+        wait_ready(proc, base, 60, lambda: proc.communicate()[1])
         r = httpx.post(f"{base}/search", json={"query": "shoes", "k": 4}, headers={"X-Request-Id": "req-123"})
         assert r.status_code == 200 and len(r.json()["items"]) == 4 and r.headers["x-request-id"] == "req-123"
         assert_error(httpx.post(f"{base}/search", content=b"{", headers=JSON), 422, "invalid_json")
@@ -722,7 +706,7 @@ class RedisProxy:
         parsed = httpx.URL(target.replace("redis://", "http://"))
         self.target = (parsed.host, parsed.port or 6379)
         self.db = parsed.path.strip("/") or "0"
-        self.port = _free_port()
+        self.port = free_port()
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 

@@ -25,8 +25,9 @@ import redis
 from karma.bundle import MANIFEST_FILE, content_hash, file_entries, load_bundle
 from karma.config import config_to_yaml, load_config
 from service.app import create_app
+from service.launcher import free_port, wait_ready
 from tests.conftest import KARMA_BIN, tiny_train_overrides
-from tests.test_service import REDIS_URL, _free_port, assert_error, metric_samples, needs_redis, sample, serving
+from tests.test_service import REDIS_URL, assert_error, metric_samples, needs_redis, sample, serving
 
 KEY = "test-admin-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -361,7 +362,7 @@ def test_admin_key_comes_from_the_environment_verbatim_and_is_never_dumped(bundl
 def test_karma_serve_reloads_while_200_concurrent_requests_run(bundles: dict, prefix: str) -> None:
     """Real uvicorn (`karma serve`, key from the environment), 200 requests fired at once with a reload among them."""
     va, vb = bundles["va"], bundles["vb"]
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KARMA_SERVE__ADMIN_API_KEY": KEY, "KARMA_SERVE__ACCESS_LOG": "false"}
     proc = subprocess.Popen(
         [KARMA_BIN, "serve", "--bundle", str(bundles["a"]), "--port", str(port),
@@ -388,16 +389,7 @@ def test_karma_serve_reloads_while_200_concurrent_requests_run(bundles: dict, pr
             assert_error(await client.post("/admin/reload", json={}), 401, "unauthorized")
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "karma serve did not become ready in 60 s"
-            time.sleep(0.2)
+        wait_ready(proc, base, 60, lambda: proc.communicate()[1])
         run(scenario())
     finally:
         proc.terminate()
