@@ -91,20 +91,11 @@ class Feeder:
         self.max_q, self.max_h = max_q, max_h
 
     def __call__(self, queries: list[str], histories: list[np.ndarray]) -> dict[str, np.ndarray]:
-        from karma.bundle import QUERY_BUCKETS_INPUT
-        from karma.featurize import history_features, pad_histories
+        from karma.featurize import query_encoder_feeds
 
-        ids, mask = self.tokenizer.encode(queries, self.max_q)
-        items, hist_mask = pad_histories(histories, self.max_h)
-        feeds = {
-            "query_ids": ids,
-            "query_mask": mask,
-            "hist_features": history_features(self.features, items),
-            "hist_mask": hist_mask,
-        }
-        if self.buckets is not None:
-            feeds[QUERY_BUCKETS_INPUT] = np.ascontiguousarray(self.buckets[items], dtype=np.int64)
-        return feeds
+        return query_encoder_feeds(
+            self.tokenizer, self.features, queries, histories, self.max_q, self.max_h, self.buckets
+        )
 
 
 def _feeds_for(sessions: dict[str, Any], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from karma.bundle import ITEM_ENCODER_FILE, QUERY_ENCODER_FILE, Bundle, load_bundle
-from karma.featurize import history_features, pad_histories
+from karma.featurize import query_encoder_feeds
 
 
 def graph_signature(path: Path) -> dict[str, Any]:
@@ -44,14 +44,10 @@ def _request_feeds(bundle: Bundle, rng: np.random.Generator, history: int) -> di
     manifest = bundle.manifest
     title_field = manifest.item_text_fields[0] if manifest.item_text_fields else None
     text = str(bundle.items[title_field].iloc[int(rng.integers(manifest.n_items))]) if title_field else ""
-    ids, mask = bundle.tokenizer.encode([text], manifest.max_query_tokens)
-    items, hist_mask = pad_histories([rng.integers(0, manifest.n_items, history)], manifest.max_history)
-    return {
-        "query_ids": ids,
-        "query_mask": mask,
-        "hist_features": history_features(bundle.item_features, items),
-        "hist_mask": hist_mask,
-    }
+    items = rng.integers(0, manifest.n_items, history)
+    return query_encoder_feeds(
+        bundle.tokenizer, bundle.item_features, [text], [items], manifest.max_query_tokens, manifest.max_history
+    )
 
 
 def time_interleaved(a: Bundle, b: Bundle, requests: int, history: int, seed: int = 0) -> dict[str, Any]:

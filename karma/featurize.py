@@ -9,8 +9,12 @@ layout the model never saw; so both call `pad_histories` and `history_features` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from karma.tokenization import TextTokenizer
 
 
 def pad_histories(histories: Sequence[np.ndarray], max_history: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,3 +35,32 @@ def pad_histories(histories: Sequence[np.ndarray], max_history: int) -> tuple[np
 def history_features(item_features: np.ndarray, items: np.ndarray) -> np.ndarray:
     """(B, L) item indices -> (B, L, F) float32 features (padding rows read item 0; the mask hides them)."""
     return np.ascontiguousarray(item_features[items], dtype=np.float32)
+
+
+def query_encoder_feeds(
+    tokenizer: TextTokenizer,
+    item_features: np.ndarray,
+    queries: Sequence[str],
+    histories: Sequence[np.ndarray],
+    max_query_tokens: int,
+    max_history: int,
+    id_buckets: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """The query encoder's ONNX inputs for a batch of (query, history-item-indices) requests.
+
+    Used by the service, the export comparison/benchmarks and the demo, so every caller feeds the
+    graph exactly what training fed the PyTorch tower.
+    """
+    from karma.bundle import QUERY_BUCKETS_INPUT
+
+    ids, mask = tokenizer.encode(list(queries), max_query_tokens)
+    items, hist_mask = pad_histories(histories, max_history)
+    feeds = {
+        "query_ids": ids,
+        "query_mask": mask,
+        "hist_features": history_features(item_features, items),
+        "hist_mask": hist_mask,
+    }
+    if id_buckets is not None:
+        feeds[QUERY_BUCKETS_INPUT] = np.ascontiguousarray(id_buckets[items], dtype=np.int64)
+    return feeds

@@ -18,7 +18,7 @@ import numpy as np
 
 from karma.bundle import QUERY_BUCKETS_INPUT, Bundle, EncoderSessions, load_bundle
 from karma.errors import KarmaError
-from karma.featurize import history_features, pad_histories
+from karma.featurize import query_encoder_feeds
 
 log = logging.getLogger("karma.service")
 
@@ -131,17 +131,15 @@ class Engine:
 
     def feeds(self, queries: list[str], histories: list[np.ndarray]) -> dict[str, np.ndarray]:
         """The query encoder's inputs for a batch, built exactly as training builds them."""
-        query_ids, query_mask = self.bundle.tokenizer.encode(queries, self.max_query_tokens)
-        items, mask = pad_histories(histories, self.max_history)
-        feeds = {
-            "query_ids": query_ids,
-            "query_mask": query_mask,
-            "hist_features": history_features(self._features, items),
-            "hist_mask": mask,
-        }
-        if self._needs_buckets:
-            feeds[QUERY_BUCKETS_INPUT] = np.ascontiguousarray(self._buckets[items], dtype=np.int64)
-        return feeds
+        return query_encoder_feeds(
+            self.bundle.tokenizer,
+            self._features,
+            queries,
+            histories,
+            self.max_query_tokens,
+            self.max_history,
+            self._buckets if self._needs_buckets else None,
+        )
 
     def run_batch(self, jobs: list[Job]) -> list[JobResult]:
         started = time.perf_counter()
