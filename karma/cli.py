@@ -242,7 +242,6 @@ def evaluate(
         raise KarmaError(f"--which must be valid or test, got {which!r}")
     _setup(None, [])
     info = read_checkpoint_info(checkpoint)
-    cfg = info.config
     for item in set_ or []:  # eval-only knobs may be overridden (e.g. eval.max_users)
         key = item.partition("=")[0]
         if not key.startswith("eval.") and not key.startswith("paths."):

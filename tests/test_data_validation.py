@@ -112,6 +112,7 @@ TAOBAO = "1,10,100,pv,1511544070\n1,11,100,pv,1511544080\n1,12,101,buy,151154409
 def test_taobao_userbehavior(tmp_path: Path) -> None:
     ds = load_taobao_userbehavior(write(tmp_path / "UserBehavior.csv", TAOBAO), ["pv"])
     assert ds.interactions.n_events == 3  # the buy is not a click
+    assert ds.interactions.timestamp.tolist() == [1511544070, 1511544080, 1511544000]
     assert ds.catalog.item_ids.tolist() == ["10", "11"]
     assert ds.catalog.item_text() == ["category 100", "category 100"]
     both = load_taobao_userbehavior(write(tmp_path / "UserBehavior.csv", TAOBAO), ["pv", "buy"])

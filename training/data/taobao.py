@@ -46,8 +46,9 @@ def load_taobao_userbehavior(path: Path, click_behaviors: Sequence[str] = ("pv",
             line=data_line(row, header=False),
         )
     # Validate timestamps on the whole file so a bad one is reported with its real line number.
-    parse_timestamps(frame["timestamp"], source, "timestamp", header=False)
-    clicks = frame[frame["behavior"].isin(list(click_behaviors))].reset_index(drop=True)
+    seconds = parse_timestamps(frame["timestamp"], source, "timestamp", header=False)
+    is_click = frame["behavior"].isin(list(click_behaviors)).to_numpy()
+    clicks = frame[is_click].reset_index(drop=True)
     if clicks.empty:
         raise DataValidationError(source, f"no events with behavior in {list(click_behaviors)}")
     first = clicks.drop_duplicates("item_id", keep="first")
@@ -55,7 +56,7 @@ def load_taobao_userbehavior(path: Path, click_behaviors: Sequence[str] = ("pv",
         {"item_id": first["item_id"].to_numpy(), "category": ("category " + first["category_id"]).to_numpy()}
     )
     catalog = Catalog(items=items, text_fields=("category",))
-    interactions = build_interactions(clicks, catalog, source, header=False)
+    interactions = build_interactions(clicks, catalog, source, header=False, timestamps=seconds[is_click])
     log.info("loaded %s: %d click events of %d rows", source, len(clicks), len(frame))
     return Dataset(
         name="taobao-userbehavior",

@@ -166,8 +166,12 @@ def build_interactions(
     source: str,
     header: bool = True,
     query_column: str | None = None,
+    timestamps: np.ndarray | None = None,
 ) -> Interactions:
-    """Validated interactions (file order kept) from a raw table with user_id, item_id, [timestamp]."""
+    """Validated interactions (file order kept) from a raw table with user_id, item_id, [timestamp].
+
+    `timestamps` (int64 seconds, row-aligned) skips re-parsing when the caller already parsed them.
+    """
     require_columns(frame, ["user_id", "item_id"], source)
     require_non_empty(frame, "user_id", source, header)
     require_non_empty(frame, "item_id", source, header)
@@ -181,7 +185,9 @@ def build_interactions(
             column="item_id",
             line=data_line(row, header),
         )
-    if "timestamp" in frame.columns:
+    if timestamps is not None:
+        timestamp = np.asarray(timestamps, dtype=np.int64)
+    elif "timestamp" in frame.columns:
         timestamp = parse_timestamps(frame["timestamp"], source, "timestamp", header)
     else:  # no clock: file order is the only order, which the splitter keeps on ties
         timestamp = np.zeros(len(frame), dtype=np.int64)
