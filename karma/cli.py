@@ -56,6 +56,14 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(config_to_yaml(load_config(config, set_ or [])), nl=False)
 
 
+@config_app.command("reference")
+def config_reference_cmd() -> None:
+    """Print every config key (env variable, type, default, description) as Markdown (docs/CONFIG.md)."""
+    from karma.config import config_reference
+
+    typer.echo(config_reference(), nl=False)
+
+
 @data_app.command("stats")
 def data_stats(
     name: NameArg = None,

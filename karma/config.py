@@ -15,14 +15,18 @@ ignored, because it would make a run quietly use a default the user meant to cha
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import to_jsonable_python
 
 from karma.errors import ConfigError
 
@@ -31,7 +35,15 @@ ENV_CONFIG_FILE = "KARMA_CONFIG"
 # Variables that start with the prefix but are not config keys: ./run's install knobs, the
 # config-file pointer, and the load test's / benchmarks' own settings.
 ENV_RESERVED = frozenset(
-    {ENV_CONFIG_FILE, "KARMA_VENV", "KARMA_EXTRAS", "KARMA_MODEL_WHEELS", "KARMA_EDITABLE", "KARMA_PYTHON"}
+    {
+        ENV_CONFIG_FILE,
+        "KARMA_VENV",
+        "KARMA_EXTRAS",
+        "KARMA_MODEL_WHEELS",
+        "KARMA_EDITABLE",
+        "KARMA_PYTHON",
+        "KARMA_TORCH_INDEX_URL",
+    }
 )
 ENV_RESERVED_PREFIXES = ("KARMA_LOADTEST_", "KARMA_BENCH_")
 # Secrets: taken verbatim from env/CLI (never YAML-parsed: `0123...` must not become a number) and
@@ -165,6 +177,14 @@ class LossConfig(StrictModel):
         "h", description="Condition the visual head on h_t or on the mean history token."
     )
     flow_hidden: int = Field(256, ge=8, description="Hidden width of the flow-matching (and MSE) head.")
+    lm_vocab: Literal["full", "catalog"] = Field(
+        "full",
+        description=(
+            "Softmax of the LM head in L_gen, L_recon and the warm-up: full = the whole vocabulary (the paper's "
+            "form); catalog = only the tokens that occur in some item text, plus EOS (the targets never leave "
+            "that set; ~10x cheaper with SmolLM2's 49k vocabulary, for CPU budgets)."
+        ),
+    )
 
 
 class TrainConfig(StrictModel):
@@ -430,3 +450,104 @@ def config_to_yaml(config: KarmaConfig) -> str:
         if tree.get(section, {}).get(key) is not None:
             tree[section][key] = None
     return yaml.safe_dump(tree, sort_keys=False)
+
+
+# ---- reference documentation (docs/CONFIG.md is this function's output: `karma config reference`) ----
+
+
+def env_var_name(parts: Sequence[str]) -> str:
+    """['data', 'synthetic', 'n_items'] -> KARMA_DATA__SYNTHETIC__N_ITEMS."""
+    return ENV_PREFIX + "__".join(p.upper() for p in parts)
+
+
+def _type_text(annotation: Any) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (Union, UnionType):
+        kinds = [_type_text(a) for a in args if a is not type(None)]
+        return " or ".join(kinds) + (" or null" if type(None) in args else "")
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_text(a) for a in args)}]"
+    return "path" if annotation is Path else getattr(annotation, "__name__", str(annotation))
+
+
+def _bounds_text(metadata: Sequence[Any]) -> str:
+    marks = []
+    for item in metadata:
+        for attr, sign in (("ge", "≥"), ("gt", ">"), ("le", "≤"), ("lt", "<"), ("min_length", "length ≥")):
+            value = getattr(item, attr, None)
+            if value is not None:
+                marks.append(f"{sign} {value:,}" if isinstance(value, int) else f"{sign} {value}")
+    return f" ({', '.join(marks)})" if marks else ""
+
+
+def _cell(text: str) -> str:
+    """Text safe in a Markdown table cell (pipes, HTML-looking `<dir>`, emphasis stars)."""
+    for raw, safe in (("|", "\\|"), ("*", "\\*"), ("\n", " ")):
+        text = text.replace(raw, safe)
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
+
+
+Section = tuple[list[str], type[BaseModel]]  # (['data', 'synthetic'], SyntheticConfig)
+
+
+def _section_rows(model: type[BaseModel], prefix: list[str]) -> tuple[list[str], list[Section]]:
+    """One Markdown table row per scalar field of `model`; nested sections are returned to walk next."""
+    rows, sections = [], []
+    for name, field in model.model_fields.items():
+        parts = [*prefix, name]
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            sections.append((parts, annotation))
+            continue
+        default = field.get_default(call_default_factory=True)
+        default_text = json.dumps(to_jsonable_python(default), ensure_ascii=False)
+        description = field.description or ""
+        if tuple(parts) in SECRET_KEYS:
+            description += " Secret: taken verbatim from the environment or `--set` (never read as YAML)."
+        cells = (
+            f"`{'.'.join(parts)}`",
+            f"`{env_var_name(parts)}`",
+            _cell(_type_text(annotation) + _bounds_text(field.metadata)),
+            f"`{_cell(default_text)}`",
+            _cell(description),
+        )
+        rows.append(f"| {' | '.join(cells)} |")
+    return rows, sections
+
+
+def config_reference() -> str:
+    """Every config field as Markdown: key, environment variable, type and bounds, default, description."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `karma/config.py` by `karma config reference > docs/CONFIG.md`; a test fails when this",
+        "file and the code disagree. Precedence, lowest first: the defaults below, a YAML or TOML file",
+        "(`--config FILE` or `KARMA_CONFIG`), environment variables `KARMA_<SECTION>__<KEY>`, then",
+        "`--set section.key=value`. Environment and `--set` values are read as YAML scalars (`3`, `true`,",
+        "`[10, 50]`; quote a text ending in `:` as `\"'karma:'\"`). Unknown keys are errors that name the key.",
+        "`karma config show` prints the effective configuration.",
+    ]
+    pending: list[Section] = [([], KarmaConfig)]
+    while pending:
+        parts, model = pending.pop(0)
+        rows, sections = _section_rows(model, parts)
+        pending[:0] = sections
+        if not rows:
+            continue
+        title = f"`{'.'.join(parts)}`" if parts else "top level"
+        doc = (model.__doc__ or "").strip().splitlines()[0]
+        lines += ["", f"## {title}", "", doc, "", "| key | environment variable | type | default | description |"]
+        lines += ["|---|---|---|---|---|", *rows]
+    lines += [
+        "",
+        "## Environment variables that are not config keys",
+        "",
+        f"`{ENV_CONFIG_FILE}` names a config file. `./run` reads its install knobs "
+        + ", ".join(f"`{name}`" for name in sorted(ENV_RESERVED - {ENV_CONFIG_FILE}))
+        + " (see `./run --help`). Variables starting with "
+        + ", ".join(f"`{p}`" for p in ENV_RESERVED_PREFIXES)
+        + " belong to the load test and the benchmarks. Any other `KARMA_*` variable must be a config key.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics import MetricWrapperBase
 
 # ~1.5x steps from 50 µs to 10 s: fine enough to read a p50 of a sub-millisecond stage.
 SECONDS_BUCKETS = (
@@ -101,3 +103,89 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# ---- reference documentation (docs/METRICS.md is this output: `python -m service.metrics`) ----------
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One exported metric as Prometheus sees it."""
+
+    name: str  # the exposed name: counters carry `_total`
+    kind: str  # counter | gauge | histogram
+    help: str
+    labels: tuple[str, ...]
+    buckets: tuple[float, ...]  # histogram upper bounds, +Inf left out
+    label_values: tuple[tuple[str, ...], ...]  # label sets created at start (dashboards read 0, not "no data")
+
+    def samples(self) -> dict[str, set[str]]:
+        """Sample name -> label names of the series this metric produces."""
+        labels = set(self.labels)
+        if self.kind == "histogram":
+            return {f"{self.name}_bucket": labels | {"le"}, f"{self.name}_count": labels, f"{self.name}_sum": labels}
+        return {self.name: labels}
+
+
+def metric_specs(metrics: Metrics | None = None) -> list[MetricSpec]:
+    """Every metric `Metrics` registers, in definition order."""
+    specs = []
+    for collector in vars(metrics or Metrics()).values():
+        if not isinstance(collector, MetricWrapperBase):
+            continue
+        kind = collector._type
+        buckets = tuple(b for b in getattr(collector, "_upper_bounds", ()) if b != float("inf"))
+        specs.append(
+            MetricSpec(
+                name=collector._name + ("_total" if kind == "counter" else ""),
+                kind=kind,
+                help=collector._documentation,
+                labels=tuple(collector._labelnames),
+                buckets=buckets,
+                label_values=tuple(collector._metrics) if collector._labelnames else (),
+            )
+        )
+    return specs
+
+
+def _bound(value: float, seconds: bool) -> str:
+    if not seconds:
+        return f"{value:g}"
+    for scale, unit in ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs")):
+        if value >= scale:
+            return f"{round(value / scale, 6):g} {unit}"
+    return f"{value:g} s"
+
+
+def metrics_reference() -> str:
+    """The metrics as Markdown: name, type, labels (and the values created at start), help, buckets."""
+    specs = metric_specs()
+    lines = [
+        "# Metrics reference",
+        "",
+        "Generated from `service/metrics.py` by `python -m service.metrics > docs/METRICS.md`; a test fails when",
+        "this file and the code disagree. Every replica serves them at `GET /metrics` (Prometheus text format,",
+        "one registry per app; no process or platform collectors). Histograms also expose `<name>_bucket`",
+        "(label `le`), `<name>_sum` and `<name>_count`. Each /search response also carries its own stage",
+        "timings, in `timings_ms` and in `X-<Stage>-Time` headers (ms).",
+        "",
+        "| metric | type | labels | help |",
+        "|---|---|---|---|",
+    ]
+    for spec in specs:
+        labels = ", ".join(f"`{label}`" for label in spec.labels) or "none"
+        if spec.label_values:
+            values = ", ".join("/".join(v) for v in spec.label_values)
+            labels += f"; created at start: {values}"
+        lines.append(f"| `{spec.name}` | {spec.kind} | {labels} | {spec.help} |")
+    lines += ["", "## Histogram buckets (upper bounds)", ""]
+    for spec in specs:
+        if spec.kind == "histogram":
+            seconds = spec.name.endswith("_seconds")
+            bounds = ", ".join(_bound(b, seconds) for b in spec.buckets)
+            lines.append(f"- `{spec.name}` ({len(spec.buckets)} + `+Inf`): {bounds}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(metrics_reference(), end="")
