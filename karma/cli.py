@@ -436,6 +436,49 @@ def compare(
         raise typer.Exit(1)
 
 
+@app.command()
+def study(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Study file, e.g. studies/ml-1m.yaml.")],
+    set_: SetOpt = None,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="Only regenerate RESULTS.md, results.json and figures.")
+    ] = False,
+    max_runs: Annotated[
+        int | None, typer.Option("--max-runs", min=0, help="Train at most N new runs this invocation.")
+    ] = None,
+    artifacts: Annotated[
+        Path | None, typer.Option("--artifacts", help="Runs and caches folder (default artifacts/studies/NAME).")
+    ] = None,
+    report_dir: Annotated[
+        Path | None, typer.Option("--report-dir", help="Report folder (default: the study's, docs/results/NAME).")
+    ] = None,
+) -> None:
+    """Ablation study: every preset x seed on the same backbone, data and budget, plus baselines; one report.
+
+    Finished runs are reused and an interrupted run resumes, so the command can be re-run at any time.
+    `--set` overrides apply to every run (and are printed in the report).
+    """
+    from training.study import load_study, run_study
+
+    _setup(None, [])
+    spec = load_study(config)
+    extra = list(set_ or [])
+    if any(item.partition("=")[0].strip() == "paths.artifacts" for item in extra):
+        raise KarmaError("karma study: give the study's folder with --artifacts, not --set paths.artifacts")
+    spec = spec.model_copy(update={k: v for k, v in (("artifacts", artifacts), ("report_dir", report_dir)) if v})
+    spec.run_config(spec.presets[0], spec.seeds[0], extra)  # a bad --set fails here, naming itself
+    options = "".join(f" --set {item}" for item in extra)
+    options += f" --artifacts {artifacts}" if artifacts else ""
+    options += f" --report-dir {report_dir}" if report_dir else ""
+    command = f"karma study --config {config}{options}"
+    results = run_study(spec, extra, report_only=report_only, max_runs=max_runs, command=command)
+    status = results["status"]
+    typer.echo(
+        f"study {spec.name}: {status['finished']}/{status['planned']} runs finished; "
+        f"report: {spec.report_path / 'RESULTS.md'}"
+    )
+
+
 # Thread pools of numerical libraries, fixed before anything imports them (DESIGN §8: ~40 server
 # threads each starting BLAS threads on 2 cores cut throughput ~20x). ORT gets its threads explicitly.
 SERVE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -490,9 +533,18 @@ def serve(
     )
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench(ctx: typer.Context) -> None:
+    """Serving benchmark: service vs naive PyTorch baseline, batching on/off, KARMA vs action-only, FAISS
+    indexes; writes JSON, Markdown and PNG plots (artifacts/bench). `karma bench --help` lists the flags."""
+    from bench.runner import main as run_bench
+
+    run_bench(ctx.args)
+
+
 # Commands that later issues fill in. Until then they exist (so scripts and docs can name them)
 # and say plainly that they are not there yet.
-PLANNED_COMMANDS = (("bench", 6, "Serving and encoder benchmarks."),)
+PLANNED_COMMANDS: tuple[tuple[str, int, str], ...] = ()
 
 
 def _planned(command: str, issue: int) -> Callable[[], None]:

@@ -15,6 +15,7 @@ from rich.console import Console
 from karma.config import KarmaConfig
 from training.baselines import (
     SASRecConfig,
+    content_embeddings,
     popularity_counts,
     popularity_embeddings,
     run_baselines,
@@ -163,7 +164,7 @@ def test_sasrec_beats_popularity_on_ml100k(tmp_config: KarmaConfig) -> None:
     split = split_dataset(ds)
     cfg = SASRecConfig(epochs=5, lr=2e-3, batch_size=64, max_windows_per_user=1, eval_every=0, threads=1)
     t0 = time.perf_counter()
-    results = run_baselines(ds, split, tmp_config, sasrec_cfg=cfg, progress=False)
+    results = run_baselines(ds, split, tmp_config, ("popular", "sasrec"), sasrec_cfg=cfg, progress=False)
     seconds = time.perf_counter() - t0
     pop, sas = results["popular"]["all"], results["sasrec"]["all"]
     print(f"ml-100k test: popular {pop}\nsasrec {sas}\n({seconds:.1f}s)")
@@ -183,3 +184,23 @@ def test_sasrec_bce_and_embeddings_shapes(synthetic) -> None:
     # A user's embedding depends only on the newest max_len events before the target.
     again = sasrec_user_embeddings(model, ds, split, split.test_pos[:20], batch_size=3)
     assert torch.allclose(users, again, atol=1e-5)
+
+
+def test_content_baseline_is_the_mean_of_the_history_text_vectors(tmp_config: KarmaConfig) -> None:
+    """Frozen content retriever: hand-computed user vectors; it reaches cold items, popularity cannot."""
+    from training.features import build_item_features
+
+    ds = load_dataset(tmp_config, progress=False)
+    split = split_dataset(ds, tmp_config.data.min_history, max_history=5)
+    targets = eval_targets(split, "test")
+    text = build_item_features(ds.catalog, tmp_config, progress=False).block("text:hashing-128")
+    users, items = content_embeddings(text, split, targets)
+    for u in (0, 7, targets.n_users - 1):
+        hist = split.seq_items[targets.history_start[u] : targets.history_end[u]]
+        assert 1 <= len(hist) <= 5
+        vecs = text[hist] / np.linalg.norm(text[hist], axis=1, keepdims=True)
+        expected = vecs.mean(0) / np.linalg.norm(vecs.mean(0))
+        np.testing.assert_allclose(users[u].numpy(), expected, atol=1e-5)
+    np.testing.assert_allclose(torch.linalg.norm(items, dim=1).numpy(), 1.0, atol=1e-5)
+    results = run_baselines(ds, split, tmp_config, ("popular", "content"), progress=False)
+    assert results["popular"]["cold"]["HR@200"] == 0.0 < results["content"]["cold"]["HR@200"]

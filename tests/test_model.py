@@ -162,3 +162,26 @@ def test_presets_only_change_loss_weights(preset: str, tmp_path: Path) -> None:
     assert (weights.recon > 0) == (preset in {"recon", "karma-text", "karma", "img-mse"})
     assert (weights.img > 0) == (preset in {"karma", "img-mse"})
     assert weights.visual_head == {"karma": "flow", "img-mse": "mse"}.get(preset, "none")
+
+
+def test_catalog_vocab_softmax_is_cross_entropy_over_the_catalog_tokens(tmp_path: Path) -> None:
+    config = load_config(overrides=[*tiny_train_overrides(tmp_path), "loss.lm_vocab=catalog"], environ={})
+    setup = build_setup(config, progress=False)
+    model = setup.model
+    vocab = model.lm_vocab
+    assert vocab is not None and 0 < len(vocab) < model.heads.lm_head.weight.shape[0]
+    text = setup.batcher.texts_of(np.arange(8))
+    hidden = torch.randn(*text.labels.shape, setup.backbone.hidden_size)
+    loss, _ = model.text_loss(hidden, text.labels)
+    valid = text.labels != -100
+    logits = hidden[valid] @ model.heads.lm_head.weight[vocab].T
+    if getattr(model.heads.lm_head, "bias", None) is not None:
+        logits = logits + model.heads.lm_head.bias[vocab]
+    targets = torch.searchsorted(vocab, text.labels[valid])
+    assert torch.equal(vocab[targets], text.labels[valid])  # every target token is in the set
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets))
+    # Only the catalog's rows of the LM head receive gradient.
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    rows = model.heads.lm_head.weight.grad.abs().sum(1) > 0
+    assert rows.any() and not rows[~torch.isin(torch.arange(len(rows)), vocab)].any()

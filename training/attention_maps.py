@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from training.diagnostics import ModelDiagnostics
 
 MAX_MAP_LAYERS = 6
-COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple")
-STYLES = (("o", "-"), ("s", "-."), ("^", ":"), ("D", "-"))  # overlapping models stay distinguishable
+COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive")
+# overlapping models stay distinguishable
+STYLES = (("o", "-"), ("s", "-."), ("^", ":"), ("D", "-"), ("v", "--"), ("P", "-."), ("X", ":"), ("*", "-"))
 
 
 def map_layers(n_layers: int, limit: int = MAX_MAP_LAYERS) -> list[int]:
@@ -55,7 +56,7 @@ def plot_attention_by_layer(results: Sequence[ModelDiagnostics], out_path: Path)
             with np.errstate(all="ignore"):
                 mean = np.nanmean(values, axis=1)
                 lo, hi = np.nanmin(values, axis=1), np.nanmax(values, axis=1)
-            ax.plot(layers, mean, marker=marker, ls=style, ms=7 - 2 * k, lw=1.5, color=colour, label=r.name)
+            ax.plot(layers, mean, marker=marker, ls=style, ms=max(2, 7 - k), lw=1.5, color=colour, label=r.name)
             ax.fill_between(layers, lo, hi, color=colour, alpha=0.15, lw=0)
         ref = np.asarray(results[0].reference_per_layer[name], dtype=float)
         ax.plot(np.arange(len(ref)), ref, ls="--", color="0.5", lw=1, label="uniform causal attention")

@@ -380,6 +380,53 @@ class ModelDiagnostics:
         out.update(self.scalars)
         return out
 
+    def to_json(self) -> dict[str, Any]:
+        """Everything, maps included, as strict-JSON-ready values (`from_json` restores it)."""
+        return to_jsonable(
+            {
+                **{k: getattr(self, k) for k in ("name", "checkpoint", "preset", "recon_trained", "protocol")},
+                **{k: getattr(self, k) for k in ("per_layer", "reference_per_layer", "scalars", "references", "notes")},
+                "maps": [
+                    {"user": m.user, "position": m.position, "n_query": m.n_query, "n_history": m.n_history,
+                     "layers": m.layers}
+                    for m in self.maps
+                ],
+            }
+        )  # fmt: skip
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelDiagnostics:
+        def floats(values: Any) -> np.ndarray:
+            return np.asarray([[math.nan if v is None else v for v in row] if isinstance(row, list) else
+                               (math.nan if row is None else row) for row in values], dtype=np.float64)  # fmt: skip
+
+        def number(v: Any) -> float:
+            return math.nan if v is None else float(v)
+
+        maps = [
+            AttentionMap(
+                user=int(m["user"]),
+                position=int(m["position"]),
+                n_query=int(m["n_query"]),
+                n_history=int(m["n_history"]),
+                layers=[np.asarray(layer, dtype=np.float64) for layer in m["layers"]],
+            )
+            for m in data.get("maps", [])
+        ]
+        return cls(
+            name=data["name"],
+            checkpoint=data["checkpoint"],
+            preset=data["preset"],
+            recon_trained=bool(data["recon_trained"]),
+            protocol=dict(data["protocol"]),
+            per_layer={k: floats(v) for k, v in data["per_layer"].items()},
+            reference_per_layer={k: floats(v) for k, v in data["reference_per_layer"].items()},
+            scalars={k: number(v) for k, v in data["scalars"].items()},
+            references={k: number(v) for k, v in data["references"].items()},
+            notes=list(data.get("notes", [])),
+            maps=maps,
+        )
+
     def reference_summary(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for name in ATTENTION_METRICS:

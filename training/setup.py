@@ -77,14 +77,23 @@ def build_setup(
     else:
         backbone = load_backbone(config, corpus=lambda: tokenizer_corpus(dataset))
     content = content_target_slice(features)
+    batcher = Batcher(dataset, split, features, backbone.tokenizer, config)
     torch.manual_seed(config.seed)  # towers and heads start from the same weights on every rank
     model = KarmaModel(backbone, features.layout.dim, content.stop - content.start, config)
+    if config.loss.lm_vocab == "catalog":
+        model.restrict_lm_vocab(catalog_token_ids(batcher, backbone), backbone.lm_head.weight.shape[0])
     if checkpoint is not None:
         load_weights(model, checkpoint)
     device = device or pick_device(config.train.device)
     model.to(device)
-    batcher = Batcher(dataset, split, features, backbone.tokenizer, config)
     return Setup(config, dataset, split, features, backbone, model, batcher, device)
+
+
+def catalog_token_ids(batcher: Batcher, backbone: Backbone) -> torch.Tensor:
+    """Every token id of every (truncated) item text, plus EOS: what the text targets can contain."""
+    ids = {t for row in batcher.item_text_ids for t in row}
+    ids.add(int(backbone.tokenizer.meta.eos_id))
+    return torch.tensor(sorted(ids), dtype=torch.long)
 
 
 def to_device(value: object, device: torch.device) -> object:

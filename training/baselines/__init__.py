@@ -1,7 +1,9 @@
 """Reference baselines, evaluated with the same full-ranking code as the KARMA towers.
 
 * most-popular (`popularity`): one global score per item, its training click count;
-* SASRec (`sasrec`): ID-only causal self-attention, full-softmax CE (default) or the original BCE.
+* SASRec (`sasrec`): ID-only causal self-attention, full-softmax CE (default) or the original BCE;
+* frozen content (`content`): mean of the history items' frozen text embeddings (MiniLM by
+  default) against the items' own, no training (`training.baselines.content`).
 
 `run_baselines(dataset, split, config)` trains/evaluates them and returns
 {name: evaluate_embeddings() dict}; `python -m training.baselines.runner <data set>` prints a table.
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from karma.config import KarmaConfig
+from training.baselines.content import content_embeddings
 from training.baselines.popularity import popularity_counts, popularity_embeddings, training_event_mask
 from training.baselines.sasrec import (
     SASRec,
@@ -27,7 +30,7 @@ from training.baselines.sasrec import (
 )
 from training.data.schema import Dataset
 from training.data.split import Split
-from training.evaluation.protocol import eval_targets, protocol_text
+from training.evaluation.protocol import EvalTargets, eval_targets, protocol_text
 from training.evaluation.report import evaluate_embeddings
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,9 @@ __all__ = [
     "BASELINES",
     "SASRec",
     "SASRecConfig",
+    "baseline_embeddings",
     "baseline_protocol",
+    "content_embeddings",
     "popularity_counts",
     "popularity_embeddings",
     "run_baselines",
@@ -49,7 +54,7 @@ __all__ = [
 ]
 
 
-BASELINES = ("popular", "sasrec")
+BASELINES = ("popular", "sasrec", "content")
 
 
 def baseline_protocol(dataset: Dataset, split: Split, config: KarmaConfig, which: str = "test") -> str:
@@ -63,6 +68,35 @@ def baseline_protocol(dataset: Dataset, split: Split, config: KarmaConfig, which
         config.eval.exclude_history,
         n_items=dataset.catalog.n_items,
     )
+
+
+def baseline_embeddings(
+    name: str,
+    dataset: Dataset,
+    split: Split,
+    config: KarmaConfig,
+    targets: EvalTargets,
+    sasrec_cfg: SASRecConfig | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user embeddings for `targets`, item embeddings) of one baseline; trains it if it learns."""
+    if name == "popular":
+        _, items = popularity_embeddings(split, dataset.catalog.n_items, 1)
+        return torch.ones(targets.n_users, 1, dtype=items.dtype), items
+    if name == "content":
+        from training.features import build_item_features
+
+        features = build_item_features(dataset.catalog, config, progress=progress)
+        text_blocks = [b.name for b in features.layout.blocks if b.name.startswith("text:")]
+        if not text_blocks:
+            raise ValueError(f"data set {dataset.name}: the content baseline needs a text feature block")
+        return content_embeddings(features.block(text_blocks[0]), split, targets)
+    if name == "sasrec":
+        cfg = sasrec_cfg or SASRecConfig(seed=config.seed)
+        model = train_sasrec(dataset, split, cfg, device=device, progress=progress)
+        return sasrec_user_embeddings(model, dataset, split, targets.positions), sasrec_item_embeddings(model)
+    raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
 
 
 def run_baselines(
@@ -89,14 +123,7 @@ def run_baselines(
     results: dict[str, dict[str, dict[str, float]]] = {}
     for name in which:
         t0 = time.perf_counter()
-        if name == "popular":
-            _, items = popularity_embeddings(split, dataset.catalog.n_items, 1)
-            users = torch.ones(targets.n_users, 1, dtype=items.dtype)
-        else:
-            cfg = sasrec_cfg or SASRecConfig(seed=config.seed)
-            model = train_sasrec(dataset, split, cfg, device=device, progress=progress)
-            users = sasrec_user_embeddings(model, dataset, split, targets.positions)
-            items = sasrec_item_embeddings(model)
+        users, items = baseline_embeddings(name, dataset, split, config, targets, sasrec_cfg, device, progress)
         results[name] = evaluate_embeddings(users, items, targets, cold, ev.ks, batch_size=ev.batch_size)
         results[name]["all"]["seconds"] = time.perf_counter() - t0
         log.info("baseline %s on %s: %s", name, dataset.name, results[name]["all"])

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from karma.config import KarmaConfig, LossConfig
+from karma.errors import KarmaError
 from training.losses import (
     IGNORE_INDEX,
     in_batch_negatives,
@@ -75,6 +77,9 @@ class KarmaModel(nn.Module):
         id_buckets = config.features.hashed_id_buckets if m.id_embedding else 0
         self.weights = LossWeights.from_config(config.loss)
         self.loss_config = config.loss
+        # Set by restrict_lm_vocab (loss.lm_vocab=catalog); None = full-vocabulary softmax.
+        self.register_buffer("lm_vocab", None, persistent=False)
+        self.register_buffer("lm_vocab_index", None, persistent=False)
         self.query_tower = QueryTower(backbone.decoder, feature_dim, hidden, m.embed_dim, id_buckets)
         self.item_tower = ItemTower(feature_dim, m.item_tower_hidden, m.embed_dim, id_buckets)
         cond_dim = m.embed_dim if config.loss.img_condition == "h" else hidden
@@ -107,9 +112,32 @@ class KarmaModel(nn.Module):
         of padding positions would otherwise dominate the step time.
         """
         valid = labels != IGNORE_INDEX
-        logits = self.heads.lm_head(hidden[valid]).unsqueeze(0)
-        picked = labels[valid].unsqueeze(0)
+        picked = labels[valid]
+        if self.lm_vocab is None:
+            logits = self.heads.lm_head(hidden[valid])
+        else:  # loss.lm_vocab=catalog: softmax over the catalog's tokens only (see restrict_lm_vocab)
+            head = self.heads.lm_head
+            bias = head.bias[self.lm_vocab] if getattr(head, "bias", None) is not None else None
+            logits = F.linear(hidden[valid], head.weight[self.lm_vocab], bias)
+            picked = self.lm_vocab_index[picked]
+            if picked.numel() and int(picked.min()) < 0:
+                raise KarmaError("loss.lm_vocab=catalog: a target token is outside the catalog vocabulary")
+        logits, picked = logits.unsqueeze(0), picked.unsqueeze(0)
         return lm_loss(logits, picked), token_accuracy(logits.detach(), picked)
+
+    def restrict_lm_vocab(self, token_ids: torch.Tensor, vocab_size: int) -> None:
+        """Score text only against `token_ids` (every token of every item text, plus EOS).
+
+        The text targets are catalog texts, so the correct token is always in the set; what is
+        dropped is the competition from the rest of the vocabulary (~90% of SmolLM2's 49k rows,
+        and most of the LM head's step time). Buffers are not persistent: `build_setup` derives the
+        same set from the data on every load, and export never sees them.
+        """
+        ids = torch.unique(token_ids.to(torch.long))
+        index = torch.full((vocab_size,), -1, dtype=torch.long)
+        index[ids] = torch.arange(len(ids))
+        self.lm_vocab = ids.to(self.heads.lm_head.weight.device)
+        self.lm_vocab_index = index.to(self.heads.lm_head.weight.device)
 
     def semantic_warmup_loss(
         self, item_inputs: dict[str, torch.Tensor], text: TextTargets

@@ -1,0 +1,142 @@
+"""`karma study`: every preset x seed trained, evaluated, diagnosed, exported and reported; runs reused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from karma.errors import ConfigError, KarmaError
+from tests.conftest import KARMA_BIN, REPO
+from training.evaluation.metrics import metrics_from_ranks
+from training.study import build_report, load_study, run_study
+from training.study.aggregate import hr_curve, paired_deltas, spread
+from training.study.runs import RANKS_FILE, RUN_RESULT, execute_run, same_signature, signature
+
+SMOKE = REPO / "studies" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory):
+    """The smoke study (tiny backbone; 2 action-only seeds + 1 recon run + 3 baselines), run once."""
+    tmp = tmp_path_factory.mktemp("study")
+    study = load_study(SMOKE).model_copy(update={"artifacts": tmp / "artifacts", "report_dir": tmp / "report"})
+    results = run_study(study, progress=False)
+    return study, results
+
+
+def test_every_run_and_baseline_is_reported(smoke) -> None:
+    study, results = smoke
+    assert results["status"] == {"planned": 3, "finished": 3, "missing": []}
+    assert set(results["runs"]) == {"action-only-s0", "action-only-s1", "recon-s0"}
+    assert set(results["baselines"]) == {"popular", "content", "sasrec"}
+    report = (study.report_path / "RESULTS.md").read_text()
+    # Two seeds give mean ± std; one seed gives a bare number.
+    action = next(line for line in report.splitlines() if line.startswith("| `action-only` | 2 |"))
+    assert action.count("±") >= 7
+    recon = next(line for line in report.splitlines() if line.startswith("| `recon` | 1 |"))
+    assert "±" not in recon
+    for label in ("most-popular", "frozen content (text:hashing-128)", "SASRec"):
+        assert f"| {label} |" in report
+    assert "served graphs identical" in report
+    assert "full ranking over all 1000 catalog items" in report
+    for figure in ("hr_at_k.png", "training_curves.png", "attention_by_layer.png", "attention_maps.png"):
+        path = study.report_path / figure
+        assert path.stat().st_size > 10_000, figure
+        assert f"]({figure})" in report
+    saved = json.loads((study.report_path / "results.json").read_text())
+    assert saved["presets"]["action-only"]["seeds"] == [0, 1]
+
+
+def test_aggregates_match_the_runs_and_their_ranks(smoke) -> None:
+    study, results = smoke
+    runs = results["runs"]
+    values = [runs[f"action-only-s{s}"]["metrics"]["all"]["HR@200"] for s in (0, 1)]
+    hr200 = results["presets"]["action-only"]["metrics"]["all"]["HR@200"]
+    assert hr200["values"] == values and hr200["mean"] == pytest.approx(np.mean(values))
+    assert hr200["std"] == pytest.approx(np.std(values, ddof=1))
+    delta = results["deltas"]["recon"]["all"]["HR@200"]
+    assert delta["seeds"] == [0]
+    expected = runs["recon-s0"]["metrics"]["all"]["HR@200"] - runs["action-only-s0"]["metrics"]["all"]["HR@200"]
+    assert delta["abs"]["mean"] == pytest.approx(expected)
+    # The saved ranks reproduce the reported metrics, and the cold flags the cold segment.
+    data = np.load(study.artifacts_dir / "runs" / "recon-s0" / RANKS_FILE)
+    from_ranks = metrics_from_ranks(data["ranks"], (10, 50, 200))
+    assert from_ranks["HR@10"] == pytest.approx(runs["recon-s0"]["metrics"]["all"]["HR@10"])
+    cold = metrics_from_ranks(data["ranks"][data["cold"]], (200,))
+    assert cold["HR@200"] == pytest.approx(runs["recon-s0"]["metrics"]["cold"]["HR@200"])
+    # Every run was exported with the same served graph; only the train-only part differs.
+    exports = [r["export"] for r in runs.values()]
+    assert len({json.dumps(e["served_parameters"], sort_keys=True) for e in exports}) == 1
+    assert len({e["cost"]["query_flops"] for e in exports}) == 1
+    assert results["compare"]["identical_served_graphs"] is True
+
+
+def test_finished_runs_are_reused_and_other_configs_refused(smoke) -> None:
+    study, _ = smoke
+    done = study.artifacts_dir / "runs" / "action-only-s0" / RUN_RESULT
+    before = done.stat().st_mtime_ns
+    again = run_study(study, progress=False, figures=False)
+    assert done.stat().st_mtime_ns == before and again["status"]["finished"] == 3
+    # More threads is the same run (reused, not retrained); a config field that did not exist when the
+    # run was made is ignored; a different step count is another run, refused, not mixed into the table.
+    threads = study.run_config("action-only", 0, ["train.threads=2"])
+    assert execute_run(threads, study.diagnose_users, export=False)["run"] == "action-only-s0"
+    assert done.stat().st_mtime_ns == before
+    stored = json.loads(done.read_text())["signature"]
+    assert same_signature({k: v for k, v in stored.items() if k != "loss.lm_vocab"}, signature(threads))
+    changed = study.run_config("action-only", 0, ["train.steps=7"])
+    with pytest.raises(KarmaError, match="different configuration"):
+        execute_run(changed, study.diagnose_users, export=False, progress=False)
+    # A new seed is planned but, with --max-runs 0, not trained: the report says what is missing.
+    more = study.model_copy(update={"seeds": [0, 1, 2]})
+    partial = run_study(more, max_runs=0, progress=False, figures=False)
+    assert partial["status"]["missing"] == ["action-only-s2"]
+    assert "still to run: action-only-s2" in (study.report_path / "RESULTS.md").read_text()
+    build_report(study, figures=False)  # leave the module's report as it was
+
+
+def test_aggregation_helpers() -> None:
+    assert spread([0.1, 0.3, None, float("nan")]) == {
+        "mean": pytest.approx(0.2),
+        "std": pytest.approx(0.1414213),
+        "n": 2,
+        "values": [0.1, 0.3],
+    }
+    assert spread([0.5])["std"] is None and spread([])["mean"] is None
+    def run(seed: int, hr: float) -> dict:
+        return {"seed": seed, "metrics": {"all": {"HR@200": hr}}}
+
+    runs = {"action-only": [run(0, 0.40), run(1, 0.50)], "recon": [run(0, 0.50), run(2, 0.9)]}
+    d = paired_deltas(runs)["recon"]["all"]["HR@200"]
+    assert d["seeds"] == [0] and d["abs"]["mean"] == pytest.approx(0.10) and d["rel_pct"] == pytest.approx(25.0)
+    assert d["wins"] == 1
+    np.testing.assert_allclose(hr_curve(np.array([0, 0, 3, 9, 250]), 5), [0.4, 0.4, 0.4, 0.6, 0.6])
+
+
+def test_study_file_errors_name_the_problem(tmp_path: Path) -> None:
+    base = SMOKE.read_text()
+    cases = {
+        "typo: 1\n": "typo",
+        "overrides: [train.stepz=3]\n": "train.stepz",
+        "headline: [gen]\n": "headline presets ['gen'] are not in presets",
+        "presets: [recon]\nheadline: [recon]\n": "must include 'action-only'",
+        "sasrec: {epochz: 3}\n": "epochz",
+    }
+    for i, (extra, needle) in enumerate(cases.items()):
+        lines = [line for line in base.splitlines() if not line.startswith(extra.split(":")[0] + ":")]
+        if extra.startswith("overrides"):
+            lines = [line for line in lines if not line.startswith("  - ")]
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text("\n".join(lines) + "\n" + extra)
+        with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            load_study(path)
+    result = subprocess.run(
+        [KARMA_BIN, "study", "--config", str(tmp_path / "missing.yaml")], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        f"error: study file {tmp_path / 'missing.yaml'}: not found"
+    ]

@@ -1,0 +1,263 @@
+"""`karma study`: train every preset with the same backbone, data, budget and seeds; report them side by side.
+
+    karma study --config studies/ml-1m.yaml            # train what is missing, then write the report
+    karma study --config studies/ml-1m.yaml --report-only
+
+Layout: runs, caches and bundles under the study's artifacts folder (`artifacts/studies/<name>`);
+`RESULTS.md`, `results.json` and the PNG figures under its report folder (`docs/results/<name>`).
+See `training.study.config` for the study file, `training.study.runs` for one run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.study.aggregate import paired_deltas, preset_table
+from training.study.config import REFERENCE_PRESET, StudyConfig, load_study
+from training.study.figures import CURVES_FIGURE, HR_FIGURE, plot_diagnostics, plot_hr_at_k, plot_training_curves
+from training.study.report import baseline_label, render
+from training.study.runs import (
+    BUNDLE_DIR,
+    DIAGNOSTICS_FILE,
+    RANKS_FILE,
+    RUN_RESULT,
+    execute_baseline,
+    execute_run,
+    same_signature,
+    signature,
+    write_json,
+)
+
+__all__ = ["StudyConfig", "build_report", "load_study", "run_study"]
+
+log = logging.getLogger(__name__)
+
+RESULTS_MD = "RESULTS.md"
+RESULTS_JSON = "results.json"
+COMPARE_FILE = "compare.json"
+MAP_PRESETS = ("action-only", "recon", "karma")  # drawn side by side in the attention-map figure
+REDRAW_AFTER_S = 60.0
+
+
+def run_study(
+    study: StudyConfig,
+    extra: Sequence[str] = (),
+    report_only: bool = False,
+    max_runs: int | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    figures: bool = True,
+) -> dict[str, Any]:
+    """Run what is missing (at most `max_runs` new runs), regenerating the report after each run.
+
+    Figures are redrawn after a run only when it took over `REDRAW_AFTER_S` (drawing them costs
+    seconds, a real run minutes), and always at the end unless `figures` is False.
+    """
+    command = command or _command(study, extra)
+    if not report_only:
+        base = study.run_config(REFERENCE_PRESET, study.seeds[0], extra)
+        baseline_dir = study.artifacts_dir / "baselines"
+        for name in [b for b in study.baselines if b != "sasrec"]:  # seconds: before any training
+            execute_baseline(name, base, baseline_dir, study.sasrec, study.seeds[0], progress)
+        plan = study.plan()
+        fresh = 0
+        for i, (preset, seed) in enumerate(plan, start=1):
+            config = study.run_config(preset, seed, extra)
+            from training.trainer import run_dir
+
+            if not _finished(run_dir(config), config):
+                if max_runs is not None and fresh >= max_runs:
+                    log.info("study %s: stopping after %d new run(s) (--max-runs)", study.name, fresh)
+                    break
+                fresh += 1
+            log.info("study %s: run %d/%d: %s", study.name, i, len(plan), study.run_name(preset, seed))
+            started = time.perf_counter()
+            execute_run(config, study.diagnose_users, study.export, progress)
+            build_report(study, extra, command, figures=time.perf_counter() - started > REDRAW_AFTER_S)
+        else:
+            if "sasrec" in study.baselines:
+                execute_baseline("sasrec", base, baseline_dir, study.sasrec, study.seeds[0], progress)
+    return build_report(study, extra, command, figures=figures)
+
+
+def _command(study: StudyConfig, extra: Sequence[str]) -> str:
+    sets = "".join(f" --set {item}" for item in extra)
+    return f"karma study --config studies/{study.name}.yaml{sets}"
+
+
+def _finished(run: Path, config: Any) -> bool:
+    done = run / RUN_RESULT
+    return done.exists() and same_signature(json.loads(done.read_text()).get("signature"), signature(config))
+
+
+def _load_runs(study: StudyConfig, extra: Sequence[str]) -> tuple[dict[str, Any], dict[str, Path], list[str]]:
+    """Finished runs (name -> study_run.json), their folders, and the names still missing, in plan order."""
+    from training.trainer import run_dir
+
+    runs: dict[str, Any] = {}
+    folders: dict[str, Path] = {}
+    missing: list[str] = []
+    for preset, seed in study.plan():
+        config = study.run_config(preset, seed, extra)
+        name = study.run_name(preset, seed)
+        if _finished(run_dir(config), config):
+            runs[name] = json.loads((run_dir(config) / RUN_RESULT).read_text())
+            folders[name] = run_dir(config)
+        else:
+            missing.append(name)
+    return runs, folders, missing
+
+
+def _load_baselines(study: StudyConfig, extra: Sequence[str]) -> dict[str, Any]:
+    base = study.run_config(REFERENCE_PRESET, study.seeds[0], extra)
+    out = {}
+    for name in study.baselines:
+        path = study.artifacts_dir / "baselines" / f"{name}.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+            extra_keys = {"baseline": name, **(study.sasrec if name == "sasrec" else {})}
+            if same_signature(result.get("signature"), signature(base, extra_keys)):
+                out[name] = result
+    return out
+
+
+def build_report(
+    study: StudyConfig, extra: Sequence[str] = (), command: str | None = None, figures: bool = True
+) -> dict[str, Any]:
+    """Aggregate whatever has finished into results.json, RESULTS.md and (unless `figures` is False) the figures.
+
+    Without `figures`, the PNGs already in the report folder are kept and still linked.
+    """
+    from training.model.karma import PRESETS
+
+    out_dir = study.report_path
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs, folders, missing = _load_runs(study, extra)
+    baselines = _load_baselines(study, extra)
+    by_preset: dict[str, list[dict[str, Any]]] = {}
+    for result in runs.values():
+        by_preset.setdefault(result["preset"], []).append(result)
+    base = study.run_config(REFERENCE_PRESET, study.seeds[0], extra)
+    protocol = next(iter(runs.values()))["protocol"] if runs else next(iter(baselines.values()), {}).get("protocol", "")
+    if figures:
+        drawn = _draw_figures(study, runs, folders, baselines, protocol)
+    else:
+        previous = out_dir / RESULTS_JSON
+        drawn = json.loads(previous.read_text()).get("figures", {}) if previous.exists() else {}
+    results = {
+        "study": study.model_dump(mode="json"),
+        "command": command or _command(study, extra),
+        "extra_overrides": list(extra),
+        "generated": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "status": {"planned": len(study.plan()), "finished": len(runs), "missing": missing},
+        "protocol": protocol,
+        "setup": _setup_text(base, runs, {p: PRESETS[p] for p in study.presets}),
+        "runs": runs,
+        "presets": {p: preset_table(by_preset[p]) for p in study.presets if p in by_preset},
+        "baselines": baselines,
+        "deltas": paired_deltas(by_preset),
+        "diagnostics_reference": next(iter(runs.values()))["diagnostics"]["reference"] if runs else {},
+        "compare": _compare(study, folders),
+        "figures": drawn,
+    }
+    write_json(out_dir / RESULTS_JSON, results)
+    (out_dir / RESULTS_MD).write_text(render(study, json.loads((out_dir / RESULTS_JSON).read_text())))
+    log.info("study %s: %d/%d runs finished; report in %s", study.name, len(runs), len(study.plan()), out_dir)
+    return results
+
+
+def _draw_figures(
+    study: StudyConfig, runs: dict[str, Any], folders: dict[str, Path], baselines: dict[str, Any], protocol: str
+) -> dict[str, Any]:
+    """HR@K curves (every run and baseline), then first-seed training curves, sink metrics and maps."""
+    from training.diagnostics import ModelDiagnostics
+    from training.trainer import METRICS_LOG
+
+    out_dir = study.report_path
+    drawn: dict[str, Any] = {}
+    model_ranks: dict[str, list[np.ndarray]] = {}
+    cold_masks: dict[str, np.ndarray] = {}
+    sources = [(runs[name]["preset"], folder / RANKS_FILE) for name, folder in folders.items()]
+    sources += [
+        (f"({baseline_label(name, b)})", study.artifacts_dir / "baselines" / f"{name}_{RANKS_FILE}")
+        for name, b in baselines.items()
+    ]
+    for label, path in sources:
+        data = np.load(path)
+        model_ranks.setdefault(label, []).append(data["ranks"])
+        if "cold" in data:
+            cold_masks[label] = data["cold"]
+    if model_ranks:
+        plot_hr_at_k(model_ranks, cold_masks or None, study.hr_curve_max_k, out_dir / HR_FIGURE, protocol)
+        drawn[HR_FIGURE] = {"models": list(model_ranks)}
+    first = {
+        p: study.run_name(p, study.seeds[0]) for p in study.presets if study.run_name(p, study.seeds[0]) in folders
+    }
+    logs = {p: folders[name] / METRICS_LOG for p, name in first.items()}
+    if logs and plot_training_curves(logs, out_dir / CURVES_FIGURE):
+        drawn[CURVES_FIGURE] = {"runs": list(first.values())}
+    diagnostics = [
+        ModelDiagnostics.from_json(json.loads((folders[name] / DIAGNOSTICS_FILE).read_text()))
+        for name in first.values()
+    ]
+    drawn.update(plot_diagnostics(diagnostics, [d for d in diagnostics if d.preset in MAP_PRESETS], out_dir))
+    return drawn
+
+
+def _setup_text(config: Any, runs: dict[str, Any], presets: dict[str, Any]) -> dict[str, str]:
+    m, t, loss = config.model, config.train, config.loss
+    layers = f"first {m.num_layers} layers" if m.num_layers else "all layers"
+    model = (
+        f"backbone `{m.backbone}` ({layers}), D = {m.embed_dim}, newest {config.data.max_history} history items, "
+        f"text features `{config.features.text_encoder}`, batch {t.batch_size} × {t.grad_accum}, "
+        f"{t.semantic_warmup_steps} semantic warm-up + {t.steps} action steps, AdamW lr {t.lr_backbone:g} "
+        f"(backbone) / {t.lr_heads:g} (rest), L_act = {loss.act} with {loss.sampled_negatives} popularity-sampled "
+        f"+ in-batch negatives{', logQ' if loss.logq_correction else ''}, temperature {loss.temperature:g}, "
+        f"LM softmax over the {loss.lm_vocab} vocabulary, {t.threads} torch thread(s), device {t.device}"
+    )
+    machine = next(iter(runs.values()))["machine"] if runs else {}
+    machine_text = (
+        f"{machine.get('cpu')}, {machine.get('cores')} cores"
+        + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU")
+        + f", torch {machine.get('torch')}, Python {machine.get('python')}"
+        if machine
+        else "(no run yet)"
+    )
+    preset_text = "; ".join(f"`{p}` {w[:3]} {w[3]}" for p, w in presets.items())
+    return {"model": model, "machine": machine_text, "presets": preset_text}
+
+
+def _compare(study: StudyConfig, folders: dict[str, Path]) -> dict[str, Any] | None:
+    """`karma compare` of the first seed's action-only and karma (or recon) bundles, cached by model version."""
+    if not study.export:
+        return None
+    a = study.run_name(REFERENCE_PRESET, study.seeds[0])
+    others = [p for p in ("karma", "karma-text", "recon", *study.presets) if p != REFERENCE_PRESET]
+    b = next((study.run_name(p, study.seeds[0]) for p in others if study.run_name(p, study.seeds[0]) in folders), None)
+    if a not in folders or b is None:
+        return None
+    from export.compare import compare_bundles
+    from karma.bundle import read_manifest
+
+    bundle_a, bundle_b = folders[a] / BUNDLE_DIR, folders[b] / BUNDLE_DIR
+    if not (bundle_a / "manifest.json").exists() or not (bundle_b / "manifest.json").exists():
+        return None
+    key = [read_manifest(bundle_a).model_version, read_manifest(bundle_b).model_version, study.compare_requests]
+    cache = study.artifacts_dir / COMPARE_FILE
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached
+    report = compare_bundles(bundle_a, bundle_b, requests=study.compare_requests)
+    report["a"]["run"], report["b"]["run"] = a, b
+    report["key"] = key
+    write_json(cache, report)
+    return report

@@ -1,0 +1,288 @@
+"""RESULTS.md of a study: tables of every preset and baseline, deltas, diagnostics, cost, figures.
+
+The Markdown is generated from `results.json` (written beside it) and regenerated after every
+finished run, so a half-finished study already reports what it has, and says what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from training.diagnostics import METRIC_LABELS
+from training.study.aggregate import METRIC_KEYS
+from training.study.config import REFERENCE_PRESET, StudyConfig
+from training.study.figures import CURVES_FIGURE, HR_FIGURE, LAYERS_FIGURE, MAPS_FIGURE
+
+PAPER = (
+    "The paper (KARMA, arXiv 2603.22779, Taobao) reports, against action-only training, +19.19 HR@200 from "
+    "embedding-conditioned reconstruction alone (our `recon`) and +22.57 HR@200 with history-conditioned "
+    "generation too (our `karma-text`; our `karma` adds the flow-matching L_img), as quoted in DESIGN.md, "
+    "which does not say whether these are points or percent; both are given below."
+)
+BASELINE_LABELS = {"popular": "most-popular", "content": "frozen content", "sasrec": "SASRec"}
+
+
+def baseline_label(name: str, result: Mapping[str, Any] | None = None) -> str:
+    """'most-popular', 'SASRec', 'frozen content (text:minilm-l6-v2)'."""
+    label = BASELINE_LABELS.get(name, name)
+    block = (result or {}).get("settings", {}).get("text_block")
+    return f"{label} ({block})" if block else label
+
+
+DIAG_ROWS = (
+    "emb_first_token_mass · last layer",
+    "rows_first_token_mass · mean over layers",
+    "emb_top_column_mass · last layer",
+    "rows_top_column_mass · mean over layers",
+    "row_consistency · mean over layers",
+    "row_consistency · last layer",
+    "emb_entropy · last layer",
+    "effective_rank",
+    "recon_token_accuracy",
+    "category_jaccard@50",
+)
+
+
+def fmt(stat: Mapping[str, Any] | None, digits: int = 4, scale: float = 1.0) -> str:
+    """'0.1234 ± 0.0012' (n > 1), '0.1234' (n = 1), '—' (none)."""
+    if not stat or stat.get("mean") is None:
+        return "—"
+    mean = stat["mean"] * scale
+    if stat.get("std") is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _header(cells: Sequence[str], align: str = "---:") -> list[str]:
+    return [_row(cells), _row([":---", *([align] * (len(cells) - 1))])]
+
+
+def render(study: StudyConfig, results: Mapping[str, Any]) -> str:
+    presets: dict[str, Any] = results["presets"]
+    baselines: dict[str, Any] = results["baselines"]
+    lines = [f"# Study `{study.name}`: {study.title or 'KARMA presets vs action-only'}", ""]
+    lines += [
+        f"Regenerate with `{results['command']}` (finished runs are reused, an interrupted one resumes from its "
+        f"checkpoint). Generated {results['generated']} from `results.json` in this folder, which holds every "
+        "number below and the per-seed values.",
+        "",
+    ]
+    status = results["status"]
+    lines.append(
+        f"**Status:** {status['finished']} of {status['planned']} runs finished"
+        + (f"; still to run: {', '.join(status['missing'])}." if status["missing"] else ".")
+    )
+    lines += ["", "## Setup", ""]
+    setup = results["setup"]
+    others = ", ".join(p for p in study.presets if p not in study.headline) or "no other preset"
+    lines += [
+        f"- **Protocol:** {results['protocol']}.",
+        f"- **Model and budget (every run):** {setup['model']}.",
+        f"- **Seeds:** {', '.join(study.headline)} × seeds {study.seeds}; "
+        f"{others} × seed {study.seeds[0]}. "
+        "A seed fixes the towers' and heads' initialisation, the batch order, the sampled negatives and the "
+        "flow noise; the pretrained backbone weights are the same for every run.",
+        f"- **Loss weights per preset (λ_gen, λ_recon, λ_img, visual head):** {setup['presets']}.",
+        f"- **Machine:** {setup['machine']}.",
+        f"- **Overrides shared by every run:** `{' '.join(study.overrides) or '(none)'}`"
+        + (f"; from the command line: `{' '.join(results['extra_overrides'])}`" if results["extra_overrides"] else "")
+        + ".",
+        "",
+    ]
+    lines += _quality_table(study, presets, baselines)
+    if any("cold" in p["metrics"] for p in presets.values()):
+        lines += _warm_cold_table(study, presets, baselines)
+    lines += _delta_table(study, results["deltas"])
+    lines += _diagnostics_table(study, presets, results.get("diagnostics_reference") or {})
+    lines += _cost_section(results)
+    lines += _figures(results)
+    lines += _per_run_table(results["runs"])
+    return "\n".join(lines) + "\n"
+
+
+def _ordered(study: StudyConfig, presets: Mapping[str, Any]) -> list[str]:
+    return [p for p in study.presets if p in presets]
+
+
+def _quality_table(study: StudyConfig, presets: Mapping[str, Any], baselines: Mapping[str, Any]) -> list[str]:
+    lines = ["## Retrieval quality (test split, full ranking, mean ± sample std over seeds)", ""]
+    lines += _header(["model", "seeds", *METRIC_KEYS, "train s / run"])
+    for name in _ordered(study, presets):
+        p = presets[name]
+        m = p["metrics"]["all"]
+        lines.append(
+            _row([f"`{name}`", str(len(p["seeds"])), *(fmt(m[k]) for k in METRIC_KEYS), fmt(p["seconds"]["train"], 0)])
+        )
+    for name, b in baselines.items():
+        m = b["metrics"]["all"]
+        lines.append(
+            _row([baseline_label(name, b), "1", *(_num(m.get(k)) for k in METRIC_KEYS), _num(b["seconds"], 0)])
+        )
+    lines += ["", "Baselines use the same users, targets, exclusions and tie rule; their protocol lines:", ""]
+    for name, b in baselines.items():
+        extra = f" (SASRec settings: {b['settings']})" if name == "sasrec" else ""
+        lines.append(f"- {baseline_label(name, b)}: {b['protocol']}{extra}")
+    return [*lines, ""]
+
+
+def _warm_cold_table(study: StudyConfig, presets: Mapping[str, Any], baselines: Mapping[str, Any]) -> list[str]:
+    keys = ("HR@50", "HR@200", "NDCG@10")
+    lines = ["## Warm vs cold targets (cold = items never seen in training)", ""]
+    lines += _header(["model", *(f"warm {k}" for k in keys), *(f"cold {k}" for k in keys), "users warm / cold"])
+    for name in _ordered(study, presets):
+        m = presets[name]["metrics"]
+        counts = f"{_num(m['warm']['count']['mean'], 0)} / {_num(m['cold']['count']['mean'], 0)}"
+        lines.append(
+            _row([f"`{name}`", *(fmt(m["warm"][k]) for k in keys), *(fmt(m["cold"][k]) for k in keys), counts])
+        )
+    for name, b in baselines.items():
+        m = b["metrics"]
+        if "cold" not in m:
+            continue
+        counts = f"{m['warm']['count']} / {m['cold']['count']}"
+        row = [baseline_label(name, b), *(_num(m["warm"].get(k)) for k in keys)]
+        lines.append(_row([*row, *(_num(m["cold"].get(k)) for k in keys), counts]))
+    return [*lines, ""]
+
+
+def _delta_table(study: StudyConfig, deltas: Mapping[str, Any]) -> list[str]:
+    lines = [f"## Against `{REFERENCE_PRESET}` (paired by seed)", "", PAPER, ""]
+    if not deltas:
+        return [*lines, f"(no preset has a finished run paired with a finished `{REFERENCE_PRESET}` run yet)", ""]
+    keys = ("HR@10", "HR@200", "NDCG@10", "MRR")
+    segments = ["all", "cold"] if any("cold" in d for d in deltas.values()) else ["all"]
+    header = ["preset", "seeds"]
+    for seg in segments:
+        for k in keys if seg == "all" else ("HR@200",):
+            header += [f"{'' if seg == 'all' else 'cold '}Δ{k} (points)", "rel."]
+    lines += _header([*header, "seeds better"])
+    for preset in _ordered(study, deltas):
+        d = deltas[preset]
+        first = d["all"]["HR@200"]
+        cells = [f"`{preset}`", str(len(first["seeds"]))]
+        for seg in segments:
+            for k in keys if seg == "all" else ("HR@200",):
+                entry = d.get(seg, {}).get(k)
+                if entry is None:
+                    cells += ["—", "—"]
+                    continue
+                rel = entry["rel_pct"]
+                cells += [fmt(entry["abs"], 2, 100.0), "—" if rel is None else f"{rel:+.1f}%"]
+        cells.append(f"{first['wins']}/{len(first['seeds'])} (HR@200)")
+        lines.append(_row(cells))
+    lines += [
+        "",
+        "Δ = preset − action-only on the same seed, in HR/NDCG points (×100), mean ± std over the paired seeds; "
+        "rel. = relative change of the seed-mean.",
+        "",
+    ]
+    return lines
+
+
+def _diagnostics_table(study: StudyConfig, presets: Mapping[str, Any], reference: Mapping[str, Any]) -> list[str]:
+    names = _ordered(study, presets)
+    if not names:
+        return []
+    lines = [
+        f"## Collapse diagnostics ({study.diagnose_users} test users, mean ± std over seeds)",
+        "",
+        "Definitions: `training/diagnostics.py` (module docstring). The attention sink is the share of attention "
+        "on the first position; the 'barcode' score is how alike the attention rows are (vertical stripes). "
+        "Reference = the same metric for uniform causal attention / random items.",
+        "",
+    ]
+    lines += _header(["metric", *(f"`{n}`" for n in names), "reference"])
+    for key in DIAG_ROWS:
+        base, _, suffix = key.partition(" · ")
+        label = METRIC_LABELS.get(base, base) + (f" · {suffix}" if suffix else "")
+        cells = [fmt(presets[n]["diagnostics"].get(key)) for n in names]
+        ref = reference.get(key)
+        lines.append(_row([label, *cells, _num(ref)]))
+    lines += [
+        "",
+        "`L_recon token accuracy` is measured with each run's own recon head; presets without L_recon never "
+        "trained that head, so their value is the untrained baseline, not a collapse symptom.",
+        "",
+    ]
+    return lines
+
+
+def _cost_section(results: Mapping[str, Any]) -> list[str]:
+    lines = ["## Zero added serving cost", ""]
+    compare = results.get("compare")
+    exports = [r for r in results["runs"].values() if r.get("export")]
+    if not exports:
+        return [*lines, "(no run exported yet)", ""]
+    lines += _header(["run", "served params (query + item)", "dropped train-only params", "query FLOPs / request",
+                      "parity max abs diff (query / item)"])  # fmt: skip
+    for name, r in results["runs"].items():
+        e = r.get("export")
+        if not e:
+            continue
+        served = e["served_parameters"]
+        lines.append(
+            _row(
+                [
+                    name,
+                    f"{served.get('query_tower', 0):,} + {served.get('item_tower', 0):,}",
+                    f"{sum(e['dropped'].values()):,}",
+                    f"{(e.get('cost') or {}).get('query_flops', 0):,}",
+                    f"{e['parity_max_abs_diff']['query']:.1e} / {e['parity_max_abs_diff']['item']:.1e}",
+                ]
+            )
+        )
+    lines.append("")
+    if compare:
+        lat = compare["latency"]
+        verdict = (
+            "identical" if compare["identical_served_graphs"] else "DIFFERENT: " + "; ".join(compare["differences"])
+        )
+        lines.append(
+            f"`karma compare` of `{compare['a']['run']}` and `{compare['b']['run']}`: served graphs {verdict} "
+            f"(node counts, op histograms, initializer shapes, inputs/outputs, FLOPs); query-encoder latency ratio "
+            f"karma / action-only p50 {lat['p50_ratio_b_over_a']:.3f}, p99 {lat['p99_ratio_b_over_a']:.3f} "
+            f"({lat['requests']} interleaved batch-1 requests each, ONNX Runtime CPU, 1 thread; "
+            f"p50 {lat['a']['p50_ms']:.2f} vs {lat['b']['p50_ms']:.2f} ms)."
+        )
+        lines.append("")
+    return lines
+
+
+def _figures(results: Mapping[str, Any]) -> list[str]:
+    figures = results.get("figures", {})
+    captions = {
+        HR_FIGURE: "HR@K curves of every preset and baseline",
+        CURVES_FIGURE: "training curves (first seed of every preset)",
+        LAYERS_FIGURE: "attention-sink metrics per layer (first seed of every preset)",
+        MAPS_FIGURE: "attention maps side by side (first seed)",
+    }
+    lines = ["## Figures", ""]
+    for name, caption in captions.items():
+        if name in figures:
+            lines += [f"**{caption}**", "", f"![{caption}]({name})", ""]
+    return lines
+
+
+def _per_run_table(runs: Mapping[str, Any]) -> list[str]:
+    lines = ["## Every run", ""]
+    lines += _header(["run", "HR@10", "HR@200", "NDCG@10", "train s", "s / step", "evaluate s", "diagnose s",
+                      "export s", "threads"])  # fmt: skip
+    for name, r in runs.items():
+        m, s = r["metrics"]["all"], r["seconds"]
+        steps = r["steps"]["semantic_warmup"] + r["steps"]["action"]
+        cells = [name, _num(m["HR@10"]), _num(m["HR@200"]), _num(m["NDCG@10"]), _num(s["train"], 0)]
+        cells += [_num(s["train"] / max(steps, 1), 2), _num(s["evaluate"], 0), _num(s["diagnose"], 0)]
+        lines.append(_row([*cells, _num(s["export"], 0), str(r.get("threads", ""))]))
+    return [*lines, ""]

@@ -1,0 +1,299 @@
+"""One study run (train → evaluate → diagnose → export) and one baseline, each cached on disk.
+
+A run's folder (`<artifacts>/runs/<preset>-s<seed>`) is the trainer's run folder plus
+`study_run.json`, written last and atomically: its presence means the run is complete. Both it and
+`study_signature.json` (written when the run starts) record the run's signature, every config value
+that decides its result; a folder holding a run of another configuration is refused rather than
+silently mixed into a table. An interrupted run resumes from its last checkpoint
+(`karma train --resume` semantics), so a study can be stopped and restarted at any point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from karma.config import KarmaConfig
+from karma.errors import KarmaError
+from karma.jsonable import to_jsonable
+from karma.machine import cpu_model, usable_cores
+from training.evaluation import eval_targets, protocol_text
+from training.evaluation.metrics import rank_targets
+from training.evaluation.report import segment_metrics
+
+log = logging.getLogger(__name__)
+
+RUN_RESULT = "study_run.json"
+RUN_SIGNATURE = "study_signature.json"
+RUN_WALL_LOG = "study_wall.jsonl"
+RANKS_FILE = "ranks_test.npz"
+DIAGNOSTICS_FILE = "study_diagnostics.json"
+BUNDLE_DIR = "bundle"
+
+
+# Knobs that change how a run executes, not what it learns or how it is measured: a run may be
+# resumed with more threads or another checkpoint interval and still be the same run.
+NOT_SIGNIFICANT = frozenset(
+    {"train.threads", "train.checkpoint_every", "train.eval_every", "train.device", "eval.batch_size"}
+)
+SIGNIFICANT_SECTIONS = ("seed", "data", "features", "model", "loss", "train", "eval")
+
+
+def signature(config: KarmaConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Flat {dotted key: value} of everything that decides a run's result (plus `extra`, e.g. SASRec settings)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        elif prefix not in NOT_SIGNIFICANT:
+            flat[prefix] = value
+
+    dump = config.model_dump(mode="json")
+    for section in SIGNIFICANT_SECTIONS:
+        walk(section, dump[section])
+    for key, value in (extra or {}).items():
+        walk(f"extra.{key}", value)
+    return flat
+
+
+def signature_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose values differ; a key only one side has (a field added since, at its default) is ignored."""
+    return [
+        f"{k}: {stored[k]!r} -> {current[k]!r}" for k in sorted(set(stored) & set(current)) if stored[k] != current[k]
+    ]
+
+
+def same_signature(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> bool:
+    return stored is not None and not signature_differences(stored, current)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Strict JSON, written to a temporary file and renamed (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def machine() -> dict[str, Any]:
+    """What ran it: CPU model and cores, GPU, torch (printed beside every wall time)."""
+    return {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _claim(run: Path, current: Mapping[str, Any]) -> None:
+    """Record the run's signature, refusing a folder that holds a run of another configuration."""
+    marker = run / RUN_SIGNATURE
+    if marker.exists():
+        differences = signature_differences(json.loads(marker.read_text()), current)
+        if differences:
+            raise KarmaError(
+                f"{run} holds a run of a different configuration ({'; '.join(differences[:5])}); "
+                "delete that folder or give the study another artifacts folder"
+            )
+    write_json(marker, current)
+
+
+def save_ranks(path: Path, ranks: torch.Tensor | np.ndarray, targets: Any, cold: np.ndarray | None) -> None:
+    """ranks (0-based, one per evaluated user), their target items, and whether each target is cold."""
+    arrays = {"ranks": np.asarray(ranks, dtype=np.int64), "target_items": np.asarray(targets.items)}
+    if cold is not None and np.asarray(cold).any():
+        arrays["cold"] = np.asarray(cold, dtype=bool)[targets.items]
+    np.savez_compressed(path, **arrays)
+
+
+def evaluate_ranks(setup: Any) -> tuple[np.ndarray, dict[str, Any], str]:
+    """0-based test ranks of every evaluated user, their metrics (all/warm/cold) and the protocol line."""
+    from training.setup import embed_items, embed_users
+    from training.trainer import run_dir
+
+    cfg = setup.config
+    targets = eval_targets(setup.split, "test", cfg.eval.exclude_history, cfg.eval.max_users)
+    users = embed_users(setup, targets.positions, cfg.eval.batch_size)
+    ranks = _ranks(users, embed_items(setup), targets, cfg)
+    metrics = segment_metrics(ranks, targets.items, setup.dataset.catalog.cold, cfg.eval.ks)
+    save_ranks(run_dir(cfg) / RANKS_FILE, ranks, targets, setup.dataset.catalog.cold)
+    protocol = protocol_text(
+        setup.dataset.name,
+        "test",
+        targets.n_users,
+        cfg.eval.ks,
+        cfg.eval.exclude_history,
+        cfg.data.max_history,
+        setup.dataset.catalog.n_items,
+    )
+    return ranks.numpy(), metrics, protocol
+
+
+def _ranks(users: torch.Tensor, items: torch.Tensor, targets: Any, cfg: KarmaConfig) -> torch.Tensor:
+    return rank_targets(
+        users, items, targets.items, targets.exclude_offsets, targets.exclude_items, batch_size=cfg.eval.batch_size
+    )
+
+
+def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume, or reuse) one run and return its `study_run.json` payload."""
+    from training.checkpoint import read_checkpoint_info
+    from training.diagnostics import diagnose_setup
+    from training.plots import plot_training_curves
+    from training.setup import build_setup
+    from training.trainer import CHECKPOINT_DIR, METRICS_LOG, run_dir, train
+
+    run = run_dir(config)
+    current = signature(config)
+    done = run / RUN_RESULT
+    if done.exists():
+        result = json.loads(done.read_text())
+        if same_signature(result.get("signature"), current):
+            return result
+    _claim(run, current)
+
+    started = time.perf_counter()
+    train_result = train(config, resume=True, progress=progress, evaluate_at_end=False)
+    train_wall = time.perf_counter() - started
+    with (run / RUN_WALL_LOG).open("a") as fh:  # one line per invocation: a resumed run sums them
+        fh.write(json.dumps({"train_wall_s": train_wall, "train_seconds": train_result["train_seconds"]}) + "\n")
+    plot_training_curves(run / METRICS_LOG, run / "training_curves.png")
+
+    checkpoint = run / CHECKPOINT_DIR
+    info = read_checkpoint_info(checkpoint)
+    setup = build_setup(config, checkpoint=checkpoint, progress=False)
+    t0 = time.perf_counter()
+    _, metrics, protocol = evaluate_ranks(setup)
+    eval_seconds = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    diagnostics = diagnose_setup(setup, checkpoint, n_users=diagnose_users)
+    diagnostics.name = config.train.run_name
+    write_json(run / DIAGNOSTICS_FILE, diagnostics.to_json())
+    diagnose_seconds = time.perf_counter() - t0
+    served_parameters = sum(p.numel() for p in setup.model.query_tower.parameters()) + sum(
+        p.numel() for p in setup.model.item_tower.parameters()
+    )
+    all_parameters = sum(p.numel() for p in setup.model.parameters())
+    del setup
+
+    export_summary = _export(checkpoint, run / BUNDLE_DIR) if export else None
+    walls = [json.loads(line) for line in (run / RUN_WALL_LOG).read_text().splitlines() if line.strip()]
+    result = {
+        "run": config.train.run_name,
+        "preset": config.loss.preset,
+        "seed": config.seed,
+        "signature": current,
+        "steps": {"semantic_warmup": config.train.semantic_warmup_steps, "action": config.train.steps},
+        "trained_step": info.state.get("step"),
+        "protocol": protocol,
+        "metrics": metrics,
+        "diagnostics": {"summary": diagnostics.summary(), "reference": diagnostics.reference_summary()},
+        "parameters": {"served": served_parameters, "train_only": all_parameters - served_parameters},
+        "seconds": {
+            "train": sum(w["train_seconds"] for w in walls),
+            "train_wall": sum(w["train_wall_s"] for w in walls),
+            "invocations": len(walls),
+            "evaluate": eval_seconds,
+            "diagnose": diagnose_seconds,
+            "export": export_summary["seconds"] if export_summary else 0.0,
+        },
+        "export": export_summary,
+        "machine": machine(),
+        "threads": config.train.threads,
+    }
+    write_json(done, result)
+    return result
+
+
+def _export(checkpoint: Path, bundle: Path) -> dict[str, Any]:
+    from export.bundle_writer import export_checkpoint
+
+    t0 = time.perf_counter()
+    result = export_checkpoint(checkpoint, bundle, force=True)
+    m = result.manifest
+    return {
+        "bundle": str(bundle),
+        "model_version": m.model_version,
+        "parity_max_abs_diff": {k: m.parity[k]["max_abs_diff"] for k in ("query", "item")},
+        "served_parameters": m.served_parameters,
+        "dropped": {d.module: d.parameters for d in m.dropped},
+        "cost": m.cost,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def execute_baseline(
+    name: str, config: KarmaConfig, out_dir: Path, sasrec: dict[str, Any], seed: int, progress: bool = True
+) -> dict[str, Any]:
+    """Train/evaluate one reference model on the study's data and protocol; cached like a run."""
+    from training.baselines import baseline_embeddings
+    from training.baselines.sasrec import SASRecConfig
+    from training.data.registry import load_dataset
+    from training.data.split import split_dataset
+
+    current = signature(config, {"baseline": name, **(sasrec if name == "sasrec" else {})})
+    done = out_dir / f"{name}.json"
+    if done.exists():
+        result = json.loads(done.read_text())
+        if same_signature(result.get("signature"), current):
+            return result
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    dataset = load_dataset(config, progress=progress)
+    split = split_dataset(dataset, config.data.min_history, config.data.max_history)
+    ev = config.eval
+    targets = eval_targets(split, "test", ev.exclude_history, ev.max_users)
+    sasrec_cfg = SASRecConfig(**{"seed": seed, **sasrec})
+    users, items = baseline_embeddings(name, dataset, split, config, targets, sasrec_cfg, progress=progress)
+    ranks = _ranks(users, items, targets, config)
+    save_ranks(out_dir / f"{name}_{RANKS_FILE}", ranks, targets, dataset.catalog.cold)
+    protocol = protocol_text(
+        dataset.name,
+        "test",
+        targets.n_users,
+        ev.ks,
+        ev.exclude_history,
+        config.data.max_history,
+        dataset.catalog.n_items,
+    )
+    if name == "sasrec":
+        protocol = protocol.replace(f"newest {config.data.max_history} events", f"newest {sasrec_cfg.max_len} events")
+    result = {
+        "baseline": name,
+        "signature": current,
+        "protocol": protocol,
+        "metrics": segment_metrics(ranks, targets.items, dataset.catalog.cold, ev.ks),
+        "settings": _settings(name, config, sasrec_cfg),
+        "seconds": time.perf_counter() - t0,
+        "machine": machine(),
+    }
+    write_json(done, result)
+    return result
+
+
+def _settings(name: str, config: KarmaConfig, sasrec_cfg: Any) -> dict[str, Any]:
+    if name == "sasrec":
+        return dict(sasrec_cfg.__dict__)
+    if name == "content":
+        return {"text_block": _text_block(config)}
+    return {}
+
+
+def _text_block(config: KarmaConfig) -> str:
+    """Name of the text feature block the content baseline reads (e.g. text:minilm-l6-v2)."""
+    from training.features.text import make_text_encoder
+
+    return make_text_encoder(config.features, progress=False).name  # lazy: no model is loaded
