@@ -32,6 +32,8 @@ def test_every_run_and_baseline_is_reported(smoke) -> None:
     study, results = smoke
     assert results["status"] == {"planned": 3, "finished": 3, "missing": []}
     assert set(results["runs"]) == {"action-only-s0", "action-only-s1", "recon-s0"}
+    reference = results["warmup_reference"]  # the model as the action stage found it: 1 action step
+    assert reference["run"] == "warmup-only-s0" and reference["trained_step"] == 2 + 1
     assert set(results["baselines"]) == {"popular", "content", "sasrec"}
     report = (study.report_path / "RESULTS.md").read_text()
     # Two seeds give mean ± std; one seed gives a bare number.
@@ -42,6 +44,7 @@ def test_every_run_and_baseline_is_reported(smoke) -> None:
     for label in ("most-popular", "frozen content (text:hashing-128)", "SASRec"):
         assert f"| {label} |" in report
     assert "served graphs identical" in report
+    assert "| before the action stage | `action-only` | `recon` | reference |" in report
     assert "full ranking over all 1000 catalog items" in report
     for figure in ("hr_at_k.png", "training_curves.png", "attention_by_layer.png", "attention_maps.png"):
         path = study.report_path / figure

@@ -35,6 +35,7 @@ from training.study.runs import (
     signature,
     write_json,
 )
+from training.trainer import run_dir
 
 __all__ = ["StudyConfig", "build_report", "load_study", "run_study"]
 
@@ -67,12 +68,13 @@ def run_study(
         baseline_dir = study.artifacts_dir / "baselines"
         for name in [b for b in study.baselines if b != "sasrec"]:  # seconds: before any training
             execute_baseline(name, base, baseline_dir, study.sasrec, study.seeds[0], progress)
+        if study.warmup_reference:  # minutes: the "before" picture of the diagnostics
+            log.info("study %s: warm-up reference run %s", study.name, study.reference_run_name)
+            execute_run(study.reference_config(extra), study.diagnose_users, export=False, progress=progress)
         plan = study.plan()
         fresh = 0
         for i, (preset, seed) in enumerate(plan, start=1):
             config = study.run_config(preset, seed, extra)
-            from training.trainer import run_dir
-
             if not _finished(run_dir(config), config):
                 if max_runs is not None and fresh >= max_runs:
                     log.info("study %s: stopping after %d new run(s) (--max-runs)", study.name, fresh)
@@ -146,9 +148,10 @@ def build_report(
     for result in runs.values():
         by_preset.setdefault(result["preset"], []).append(result)
     base = study.run_config(REFERENCE_PRESET, study.seeds[0], extra)
+    reference = _load_reference(study, extra)
     protocol = next(iter(runs.values()))["protocol"] if runs else next(iter(baselines.values()), {}).get("protocol", "")
     if figures:
-        drawn = _draw_figures(study, runs, folders, baselines, protocol)
+        drawn = _draw_figures(study, runs, folders, baselines, protocol, reference)
     else:
         previous = out_dir / RESULTS_JSON
         drawn = json.loads(previous.read_text()).get("figures", {}) if previous.exists() else {}
@@ -161,6 +164,7 @@ def build_report(
         "protocol": protocol,
         "setup": _setup_text(base, runs, {p: PRESETS[p] for p in study.presets}),
         "runs": runs,
+        "warmup_reference": reference[0] if reference else None,
         "presets": {p: preset_table(by_preset[p]) for p in study.presets if p in by_preset},
         "baselines": baselines,
         "deltas": paired_deltas(by_preset),
@@ -174,8 +178,23 @@ def build_report(
     return results
 
 
+def _load_reference(study: StudyConfig, extra: Sequence[str]) -> tuple[dict[str, Any], Path] | None:
+    """The warm-up reference run (result, folder) if the study has one and it finished."""
+    if not study.warmup_reference:
+        return None
+    config = study.reference_config(extra)
+    if not _finished(run_dir(config), config):
+        return None
+    return json.loads((run_dir(config) / RUN_RESULT).read_text()), run_dir(config)
+
+
 def _draw_figures(
-    study: StudyConfig, runs: dict[str, Any], folders: dict[str, Path], baselines: dict[str, Any], protocol: str
+    study: StudyConfig,
+    runs: dict[str, Any],
+    folders: dict[str, Path],
+    baselines: dict[str, Any],
+    protocol: str,
+    reference: tuple[dict[str, Any], Path] | None,
 ) -> dict[str, Any]:
     """HR@K curves (every run and baseline), then first-seed training curves, sink metrics and maps."""
     from training.diagnostics import ModelDiagnostics
@@ -204,11 +223,12 @@ def _draw_figures(
     logs = {p: folders[name] / METRICS_LOG for p, name in first.items()}
     if logs and plot_training_curves(logs, out_dir / CURVES_FIGURE):
         drawn[CURVES_FIGURE] = {"runs": list(first.values())}
-    diagnostics = [
-        ModelDiagnostics.from_json(json.loads((folders[name] / DIAGNOSTICS_FILE).read_text()))
-        for name in first.values()
-    ]
-    drawn.update(plot_diagnostics(diagnostics, [d for d in diagnostics if d.preset in MAP_PRESETS], out_dir))
+    diagnosed = ([reference[1]] if reference else []) + [folders[name] for name in first.values()]
+    diagnostics = [ModelDiagnostics.from_json(json.loads((f / DIAGNOSTICS_FILE).read_text())) for f in diagnosed]
+    if reference:
+        diagnostics[0].name = f"{study.reference_run_name} (before the action stage)"
+    maps = [d for d in diagnostics if d.preset in MAP_PRESETS]  # the reference is action-only too: drawn first
+    drawn.update(plot_diagnostics(diagnostics, maps, out_dir))
     return drawn
 
 

@@ -21,6 +21,7 @@ from karma.errors import ConfigError
 Preset = Literal["action-only", "gen", "recon", "karma-text", "karma", "img-mse"]
 Baseline = Literal["popular", "content", "sasrec"]
 REFERENCE_PRESET = "action-only"
+WARMUP_REFERENCE = "warmup-only"
 
 
 class StudyConfig(StrictModel):
@@ -46,6 +47,13 @@ class StudyConfig(StrictModel):
     export: bool = Field(True, description="Export every run to a bundle (parity-checked) and compare served graphs.")
     compare_requests: int = Field(200, ge=10, description="Interleaved requests of the action-only vs karma timing.")
     hr_curve_max_k: int = Field(200, ge=1, description="Largest K of the HR@K curve figure.")
+    warmup_reference: bool = Field(
+        True,
+        description=(
+            "Also diagnose the model as the action stage finds it (semantic warm-up + 1 action step, first "
+            "seed): attention patterns already there (e.g. the pretrained LLM's own sink) are not collapse."
+        ),
+    )
     artifacts: Path | None = Field(None, description="Runs, caches, bundles (default artifacts/studies/<name>).")
     report_dir: Path | None = Field(None, description="RESULTS.md, results.json, PNGs (default docs/results/<name>).")
 
@@ -82,6 +90,16 @@ class StudyConfig(StrictModel):
         """
         order = [(p, s) for s in self.seeds for p in self.presets if p in self.headline]
         return order + [(p, self.seeds[0]) for p in self.presets if p not in self.headline]
+
+    @property
+    def reference_run_name(self) -> str:
+        return f"{WARMUP_REFERENCE}-s{self.seeds[0]}"
+
+    def reference_config(self, extra: Sequence[str] = ()) -> KarmaConfig:
+        """The warm-up reference: the action-only recipe stopped after one action step."""
+        config = self.run_config(REFERENCE_PRESET, self.seeds[0], [*extra, "train.steps=1"])
+        config.train.run_name = self.reference_run_name
+        return config
 
     def run_config(self, preset: str, seed: int, extra: Sequence[str] = ()) -> KarmaConfig:
         """The exact KarmaConfig of one run (the process environment is ignored: a study is reproducible)."""

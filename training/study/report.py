@@ -105,7 +105,9 @@ def render(study: StudyConfig, results: Mapping[str, Any]) -> str:
     if any("cold" in p["metrics"] for p in presets.values()):
         lines += _warm_cold_table(study, presets, baselines)
     lines += _delta_table(study, results["deltas"])
-    lines += _diagnostics_table(study, presets, results.get("diagnostics_reference") or {})
+    lines += _diagnostics_table(
+        study, presets, results.get("diagnostics_reference") or {}, results.get("warmup_reference")
+    )
     lines += _cost_section(results)
     lines += _figures(results)
     lines += _per_run_table(results["runs"])
@@ -191,10 +193,16 @@ def _delta_table(study: StudyConfig, deltas: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _diagnostics_table(study: StudyConfig, presets: Mapping[str, Any], reference: Mapping[str, Any]) -> list[str]:
+def _diagnostics_table(
+    study: StudyConfig,
+    presets: Mapping[str, Any],
+    reference: Mapping[str, Any],
+    warmup: Mapping[str, Any] | None,
+) -> list[str]:
     names = _ordered(study, presets)
     if not names:
         return []
+    before = warmup["diagnostics"]["summary"] if warmup else None
     lines = [
         f"## Collapse diagnostics ({study.diagnose_users} test users, mean ± std over seeds)",
         "",
@@ -203,17 +211,24 @@ def _diagnostics_table(study: StudyConfig, presets: Mapping[str, Any], reference
         "Reference = the same metric for uniform causal attention / random items.",
         "",
     ]
-    lines += _header(["metric", *(f"`{n}`" for n in names), "reference"])
+    first = ["before the action stage"] if before else []
+    lines += _header(["metric", *first, *(f"`{n}`" for n in names), "reference"])
     for key in DIAG_ROWS:
         base, _, suffix = key.partition(" · ")
         label = METRIC_LABELS.get(base, base) + (f" · {suffix}" if suffix else "")
-        cells = [fmt(presets[n]["diagnostics"].get(key)) for n in names]
-        ref = reference.get(key)
-        lines.append(_row([label, *cells, _num(ref)]))
+        cells = ([_num(before.get(key))] if before else []) + [fmt(presets[n]["diagnostics"].get(key)) for n in names]
+        lines.append(_row([label, *cells, _num(reference.get(key))]))
     lines += [
         "",
         "`L_recon token accuracy` is measured with each run's own recon head; presets without L_recon never "
-        "trained that head, so their value is the untrained baseline, not a collapse symptom.",
+        "trained that head, so their value is the untrained baseline, not a collapse symptom."
+        + (
+            f" 'Before the action stage' = `{warmup['run']}`: the same recipe stopped after the semantic warm-up "
+            f"and one action step (HR@200 {warmup['metrics']['all']['HR@200']:.4f}): what the pretrained backbone "
+            "brings before any click training."
+            if warmup
+            else ""
+        ),
         "",
     ]
     return lines
