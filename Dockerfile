@@ -23,6 +23,7 @@ COPY karma ./karma
 COPY training ./training
 COPY export ./export
 COPY service ./service
+COPY bench ./bench
 
 # ---- CPU serving: build ------------------------------------------------------------------------
 FROM python:3.11-slim AS build

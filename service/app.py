@@ -26,7 +26,7 @@ from service.fastpath import FastSearch
 from service.metrics import Metrics
 from service.middleware import InFlight, ServiceMiddleware
 from service.routes import router
-from service.state import ServiceState
+from service.state import EngineFactory, ServiceState
 
 DESCRIPTION = """\
 Personalized search over a KARMA export bundle: a query and/or a click history is encoded into one
@@ -45,13 +45,15 @@ def serve_config(settings: ServeConfig | KarmaConfig) -> ServeConfig:
     return settings.serve if isinstance(settings, KarmaConfig) else settings
 
 
-def create_app(settings: ServeConfig | KarmaConfig) -> FastAPI:
+def create_app(settings: ServeConfig | KarmaConfig, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """`engine_factory` replaces `Engine.prepare` (the ONNX Runtime engine) for start-up and reloads;
+    `bench.naive` uses it to serve the PyTorch query tower through this same app."""
     config = serve_config(settings)
     if config.bundle is None:
         raise KarmaError("no bundle to serve: set serve.bundle (karma serve --bundle DIR, or KARMA_SERVE__BUNDLE)")
     metrics = Metrics()
     in_flight = InFlight()
-    svc = ServiceState(config, metrics, in_flight)
+    svc = ServiceState(config, metrics, in_flight, engine_factory)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

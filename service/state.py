@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,16 @@ from service.middleware import InFlight
 log = logging.getLogger("karma.service")
 
 
+# Builds the Engine for a bundle folder (blocking; runs in a worker thread; must return it probed and warmed).
+EngineFactory = Callable[[Path], Engine]
+
+
 class ServiceState:
-    def __init__(self, config: ServeConfig, metrics: Metrics, in_flight: InFlight):
+    def __init__(
+        self, config: ServeConfig, metrics: Metrics, in_flight: InFlight, engine_factory: EngineFactory | None = None
+    ):
         self.config = config
+        self.engine_factory = engine_factory  # None: Engine.prepare (ONNX Runtime); benchmarks plug in others
         self.metrics = metrics
         self.in_flight = in_flight
         self.engine: Engine | None = None
@@ -89,6 +97,8 @@ class ServiceState:
 
     def _prepare(self, directory: Path) -> Engine:
         """Load + validate + probe + warm (blocking: run it in a worker thread)."""
+        if self.engine_factory is not None:
+            return self.engine_factory(directory)
         return Engine.prepare(directory, self.providers, self.config.intra_op_threads, self.config.max_batch_size)
 
     def _install(self, engine: Engine, directory: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,20 @@ from karma.config import KarmaConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 KARMA_BIN = str(Path(sys.executable).with_name("karma"))
+REDIS_URL = os.environ.get("KARMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_up() -> bool:
+    """Whether the test Redis answers a ping (tests that need it are skipped otherwise)."""
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+needs_redis = pytest.mark.skipif(not redis_up(), reason=f"no Redis at {REDIS_URL}")
 
 
 @pytest.fixture
@@ -65,3 +80,20 @@ def tiny_train_overrides(tmp_path: Path) -> list[str]:
         "train.checkpoint_every=1000",
         "eval.max_users=100",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny model trained and exported once per session: (checkpoint folder, bundle folder). Read-only."""
+    import torch
+
+    from export.bundle_writer import export_checkpoint
+    from training.trainer import CHECKPOINT_DIR, run_dir, train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny-export")
+    config = load_config(overrides=tiny_train_overrides(root), environ={})
+    train(config, progress=False)
+    checkpoint = run_dir(config) / CHECKPOINT_DIR
+    export_checkpoint(checkpoint, root / "bundle")
+    return checkpoint, root / "bundle"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -28,40 +27,18 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from karma.bundle import load_bundle
-from karma.config import ServeConfig, load_config
+from karma.config import ServeConfig
 from karma.featurize import history_features, pad_histories
 from service.app import create_app
 from service.launcher import free_port, wait_ready
-from tests.conftest import KARMA_BIN, REPO, tiny_train_overrides
+from tests.conftest import KARMA_BIN, REDIS_URL, REPO, needs_redis, redis_up
 
-REDIS_URL = os.environ.get("KARMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
 
 
-def _redis_up() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-needs_redis = pytest.mark.skipif(not _redis_up(), reason=f"no Redis at {REDIS_URL}")
-
-
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from export.bundle_writer import export_checkpoint
-    from training.trainer import CHECKPOINT_DIR, run_dir, train
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("service")
-    config = load_config(overrides=tiny_train_overrides(root), environ={})
-    train(config, progress=False)
-    out = root / "bundle"
-    export_checkpoint(run_dir(config) / CHECKPOINT_DIR, out)
-    return out
+def bundle_dir(tiny_export: tuple[Path, Path]) -> Path:
+    return tiny_export[1]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +53,7 @@ def prefix() -> Iterator[str]:
     """A Redis key prefix of this test alone; its keys are deleted afterwards."""
     name = f"karma-test-{uuid.uuid4().hex[:12]}-"
     yield name
-    if _redis_up():
+    if redis_up():
         client = redis.Redis.from_url(REDIS_URL)
         keys = list(client.scan_iter(match=f"{name}*"))
         if keys:

@@ -1,0 +1,1 @@
+"""`karma bench`: the serving benchmark (load generator, naive baseline, index bench, report). See bench.runner."""

@@ -1,0 +1,649 @@
+"""`karma bench`: the serving benchmark (issue 6), one command, one run, side by side.
+
+Parts (`--parts`, default all):
+
+  serving    (a) + (c): `/search` of the service (`karma serve`: ONNX Runtime, micro-batching on), the
+             same service with batching off (`serve.max_batch_size=1`) and the naive baseline
+             (`bench.naive`: the PyTorch query tower per request, batch 1, same FastAPI app), one
+             after the other, each under the same load: closed-loop saturation (`concurrency`
+             requests in flight), open-loop Poisson arrivals at each fixed rate, and a bisection
+             for the highest rate each sustains with p99 <= the SLO (no errors, >= 95% of the
+             offered load answered). Throughput at equal p99 = those capacities side by side.
+  zero-cost  (b): the service with the `action-only` bundle and the `karma` bundle of the same
+             architecture, both running, requests interleaved A B B A (one in flight); p50/p99 of
+             each, the karma/action-only ratios pooled and their spread over consecutive blocks.
+  index      (d): FAISS flat (exact) vs HNSW vs IVF-PQ at each size (`bench.index_bench`).
+
+Every server is its own process (1 ORT / torch / BLAS thread), and so is the load generator
+(`bench.loadgen`), whose own CPU time is recorded per run; so is the server's (psutil).
+Bundles: `--bundle-a` (action-only) / `--bundle-b` (karma, also the served bundle of part a/c) /
+`--checkpoint` (bundle b's checkpoint, for the naive baseline), or else both are trained and
+exported here with the real CLI (`karma train --preset ...`, `karma export`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from bench import harness
+from bench.loadgen import run_load
+from bench.stats import ab_ratios, summarize, sustained
+from karma.errors import KarmaError
+
+log = logging.getLogger("karma.bench")
+
+PARTS = ("serving", "zero-cost", "index")
+
+
+@dataclass
+class BenchConfig:
+    out: Path = Path("artifacts/bench")
+    workdir: Path | None = None  # bundles are built here (default: <out>/work)
+    bundle_a: Path | None = None  # action-only bundle
+    bundle_b: Path | None = None  # karma bundle: the served one in part serving
+    checkpoint: Path | None = None  # bundle_b's checkpoint (naive baseline)
+    parts: tuple[str, ...] = PARTS
+    backends: tuple[str, ...] = ("service", "batching off", "naive")  # part serving: which of BACKENDS
+    train_sets: list[str] = field(default_factory=list)  # when building: training overrides
+    items: int = 10_000  # when building: synthetic catalog size
+    history: int | None = None  # history items per request (default: the model's max_history)
+    k: int = 10
+    bodies: int = 2000  # distinct request bodies, cycled
+    rates: list[float] = field(default_factory=lambda: [50.0, 100.0, 200.0, 400.0, 800.0])
+    warmup_s: float = 2.0
+    duration_s: float = 12.0
+    concurrency: int = 32
+    slo_p99_ms: float = 50.0
+    probes: int = 5
+    probe_s: float = 8.0
+    zero_cost_s: float = 40.0
+    zero_cost_blocks: int = 8
+    index_sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
+    index_dim: int | None = None  # default: the served embedding dim (64 when no bundle is at hand)
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    seed: int = 0
+    quick: bool = False
+
+
+# What `--quick` changes: a 1k-item tiny model, short runs, a small index bench (a smoke test, ~2-3 min).
+QUICK = {
+    "rates": [50.0, 200.0],
+    "warmup_s": 0.5,
+    "duration_s": 3.0,
+    "concurrency": 16,
+    "probes": 2,
+    "probe_s": 3.0,
+    "zero_cost_s": 6.0,
+    "zero_cost_blocks": 4,
+    "index_sizes": [50_000],
+    "bodies": 300,
+}
+
+# Bundles built for the full run: the project's default model (tiny Llama backbone, 2 layers, hidden 64,
+# D = 64, max_history 50, MiniLM text + visual features) on the default 10k-item synthetic catalog,
+# trained briefly: latency does not depend on how well it ranks.
+FULL_TRAIN = [
+    "features.threads=1",
+    "train.threads=1",
+    "train.steps=60",
+    "train.semantic_warmup_steps=10",
+    "train.checkpoint_every=1000000",
+    "eval.max_users=200",
+]
+PRESETS = ("action-only", "karma")
+
+
+class Progress:
+    """One tqdm bar over the planned steps plus a log line per step."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", desc="karma bench", file=sys.stderr, leave=True)
+        self.n = 0
+
+    def step(self, what: str) -> None:
+        self.n += 1
+        self.bar.set_postfix_str(what[:60])
+        log.info("[%d/%d] %s", self.n, self.bar.total, what)
+
+    def done(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def plan_steps(cfg: BenchConfig, build: bool) -> int:
+    steps = 2 if build else 0
+    if "serving" in cfg.parts:
+        steps += len(cfg.backends) * (1 + len(cfg.rates) + cfg.probes)
+    if "zero-cost" in cfg.parts:
+        steps += 1
+    if "index" in cfg.parts:
+        steps += len(cfg.index_sizes)
+    return steps
+
+
+# ---- the machine -----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and cores, memory, load, and the versions that matter for these numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from karma.machine import cpu_model, usable_cores
+
+    mem_gib = None
+    with contextlib.suppress(OSError, ValueError):
+        meminfo = Path("/proc/meminfo").read_text().split()
+        mem_gib = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
+    versions = {}
+    for name in ("onnxruntime", "faiss-cpu", "torch", "fastapi", "uvicorn", "uvloop", "httptools", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return {
+        "cpu": cpu_model(),
+        "cores": usable_cores(),
+        "memory_gib": mem_gib,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}"
+
+
+# ---- bundles and requests ----------------------------------------------------------------------------
+
+
+@dataclass
+class Bundles:
+    a: Path | None  # action-only
+    b: Path | None  # karma (served)
+    checkpoint: Path | None  # of b
+    built: bool
+    build_s: float = 0.0
+
+
+def train_overrides(cfg: BenchConfig) -> list[str]:
+    base = [*harness.TINY, *harness.SMALL_DATA] if cfg.quick else [*FULL_TRAIN, f"data.synthetic.n_items={cfg.items}"]
+    return base + cfg.train_sets
+
+
+def prepare_bundles(cfg: BenchConfig, progress: Progress) -> Bundles:
+    need_a = "zero-cost" in cfg.parts
+    need_b = bool({"serving", "zero-cost"} & set(cfg.parts))
+    need_ckpt = "serving" in cfg.parts
+    given = (not need_a or cfg.bundle_a) and (not need_b or cfg.bundle_b) and (not need_ckpt or cfg.checkpoint)
+    if given or not need_b:
+        return Bundles(cfg.bundle_a, cfg.bundle_b, cfg.checkpoint, built=False)
+    if cfg.bundle_a or cfg.bundle_b or cfg.checkpoint:
+        raise KarmaError(
+            "give all of --bundle-a, --bundle-b and --checkpoint that the chosen parts need "
+            f"({', '.join(cfg.parts)}), or none of them (then both bundles are built)"
+        )
+    workdir = cfg.workdir or cfg.out / "work"
+    sets = train_overrides(cfg)
+    started = time.perf_counter()
+    built = {}
+    for preset in PRESETS:
+        progress.step(f"build the {preset} bundle (karma train --preset {preset}; karma export)")
+        built[preset] = harness.build_bundle(workdir, sets, run_name=preset, preset=preset)
+        progress.done()
+    return Bundles(
+        built["action-only"],
+        built["karma"],
+        harness.checkpoint_of(workdir, "karma"),
+        built=True,
+        build_s=time.perf_counter() - started,
+    )
+
+
+def request_bodies(bundle: Path, n: int, history: int | None, k: int, seed: int) -> tuple[list[dict], dict]:
+    """`n` /search bodies: a query (the first 4 words of a random catalog title) and `history` random
+    catalog items (default: the model's max_history), k results, history excluded."""
+    from karma.bundle import load_bundle
+
+    b = load_bundle(bundle, verify_checksums=False, check_graphs=False, with_index=False)
+    m = b.manifest
+    length = m.max_history if history is None else history
+    ids = b.items["item_id"].astype(str).tolist()
+    titles = b.items["title"].astype(str).tolist() if "title" in b.items.columns else [""]
+    rng = random.Random(seed)
+    bodies = [
+        {
+            "query": " ".join(rng.choice(titles).split()[:4]),
+            "history": rng.sample(ids, min(length, len(ids))),
+            "k": k,
+            "exclude_history": True,
+        }
+        for _ in range(n)
+    ]
+    protocol = {
+        "n_items": m.n_items,
+        "history_items": min(length, len(ids)),
+        "max_history": m.max_history,
+        "k": k,
+        "distinct_bodies": n,
+        "embed_dim": m.dims.embed_dim,
+        "feature_dim": m.dims.feature_dim,
+        "hidden": m.dims.hidden,
+        "index": m.index.type,
+        "backbone": m.training.backbone,
+        "request": "POST /search {query: 4 title words, history: item ids (in the body: no Redis read), k, "
+        "exclude_history: true}",
+    }
+    return bodies, protocol
+
+
+# ---- servers -------------------------------------------------------------------------------------------
+
+
+def server_process(base: str) -> Any:
+    """The psutil process of the server we started on `base` (a child of this process)."""
+    import psutil
+
+    port = base.rsplit(":", 1)[1]
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            cmd = child.cmdline()
+            if "--port" in cmd and cmd[cmd.index("--port") + 1] == port:
+                return child
+    return None
+
+
+def cpu_seconds(proc: Any) -> float:
+    if proc is None:
+        return float("nan")
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def server_info(base: str) -> dict[str, Any]:
+    import httpx
+
+    info = httpx.get(f"{base}/info", timeout=30).json()
+    keep = ("model_version", "n_items", "dims", "max_history", "index", "parameters", "flops_per_request",
+            "session_providers", "batching", "intra_op_threads", "training")  # fmt: skip
+    return {k: info.get(k) for k in keep}
+
+
+@dataclass
+class Backend:
+    name: str
+    description: str
+    sets: list[str]
+    naive: bool = False
+
+
+BACKENDS = [
+    Backend("service", "karma serve as configured by default: ONNX Runtime, micro-batching on", []),
+    Backend(
+        "batching off", "karma serve --set serve.max_batch_size=1 (otherwise identical)", ["serve.max_batch_size=1"]
+    ),
+    Backend(
+        "naive",
+        "PyTorch eager query tower per request (batch 1, 1 thread) in the same FastAPI app (python -m bench.naive)",
+        [],
+        naive=True,
+    ),
+]
+
+
+@contextlib.contextmanager
+def serving(backend: Backend, bundles: Bundles, cfg: BenchConfig) -> Iterator[str]:
+    entry = None
+    if backend.naive:
+        if bundles.checkpoint is None:
+            raise KarmaError("the naive baseline needs bundle b's training checkpoint (--checkpoint)")
+        entry = [sys.executable, "-m", "bench.naive", "--checkpoint", str(bundles.checkpoint)]
+    assert bundles.b is not None
+    with harness.karma_serve(bundles.b, cfg.redis_url, sets=backend.sets, entry=entry, timeout_s=300) as (base, _):
+        yield base
+
+
+def measured(
+    base: list[str], bodies: list[dict], raw: Path, name: str, proc: Any, **spec: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One load-generator run; returns (summary incl. server CPU, the raw result)."""
+    cpu0, wall0 = cpu_seconds(proc), time.perf_counter()
+    result = run_load({"targets": base, "bodies": bodies, **spec}, raw, name)
+    cpu1, wall1 = cpu_seconds(proc), time.perf_counter()
+    summary = summarize(result)
+    summary["server_cpu_util"] = (cpu1 - cpu0) / (wall1 - wall0)
+    summary["spec"] = {k: v for k, v in result["spec"].items() if k != "targets"}
+    return summary, result
+
+
+def run_serving(cfg: BenchConfig, bundles: Bundles, bodies: list[dict], progress: Progress) -> dict[str, Any]:
+    raw = cfg.out / "raw"
+    out: dict[str, Any] = {}
+    latencies: dict[str, list[float]] = {}
+    unknown = set(cfg.backends) - {b.name for b in BACKENDS}
+    if unknown:
+        raise KarmaError(f"unknown backend(s) {sorted(unknown)}; choose from {', '.join(b.name for b in BACKENDS)}")
+    for backend in (b for b in BACKENDS if b.name in cfg.backends):
+        slug = backend.name.replace(" ", "-")
+        progress.step(f"{backend.name}: start the server, saturation (closed loop, {cfg.concurrency} in flight)")
+        with serving(backend, bundles, cfg) as base:
+            proc = server_process(base)
+            info = server_info(base)
+            window = {"warmup_s": cfg.warmup_s, "duration_s": cfg.duration_s, "seed": cfg.seed}
+            saturation, result = measured(
+                [base], bodies, raw, f"{slug}-saturation", proc, mode="closed", concurrency=cfg.concurrency, **window
+            )
+            latencies[backend.name] = _window_latencies(result)
+            progress.done()
+            rates = []
+            overloaded_at = None
+            for rate in cfg.rates:
+                progress.step(f"{backend.name}: open loop, Poisson arrivals at {rate:g}/s")
+                if overloaded_at is not None:
+                    rates.append({"rate": rate, "skipped": f"overloaded at {overloaded_at:g}/s"})
+                else:
+                    s, _ = measured([base], bodies, raw, f"{slug}-rate{rate:g}", proc, mode="open", rate=rate, **window)
+                    s["rate"] = rate
+                    s["sustained"] = sustained(s, cfg.slo_p99_ms)
+                    rates.append(s)
+                    if s["throughput_rps"] < 0.5 * s["offered_rps"]:
+                        overloaded_at = rate  # higher rates would only be floods of 429s
+                progress.done()
+
+            def probe(rate: float, i: int, base: str = base, proc: Any = proc, slug: str = slug) -> dict[str, Any]:
+                window = {"warmup_s": min(cfg.warmup_s, 1.0), "duration_s": cfg.probe_s, "seed": cfg.seed + 1 + i}
+                s, _ = measured([base], bodies, raw, f"{slug}-probe{i}", proc, mode="open", rate=rate, **window)
+                s["rate"] = rate
+                s["sustained"] = sustained(s, cfg.slo_p99_ms)
+                return s
+
+            capacity = find_capacity(probe, rates, saturation["throughput_rps"], cfg.probes, progress, backend.name)
+        out[backend.name] = {
+            "description": backend.description,
+            "info": info,
+            "saturation": saturation,
+            "rates": rates,
+            "capacity": capacity,
+        }
+    return {"backends": out, "latencies_at_saturation_ms": latencies, "headline": serving_headline(out, cfg)}
+
+
+def _window_latencies(result: dict[str, Any], by_target: bool = False) -> Any:
+    """Latencies (ms) of the window's 200 answers: one list, or one list per target."""
+    import numpy as np
+
+    from bench.stats import window_mask
+
+    r = {k: np.asarray(v) for k, v in result["records"].items()}
+    mask = window_mask(result) & (r["status"] == 200)
+    ms = ((r["done"] - r["sent"]) * 1000).round(4)
+    if not by_target:
+        return ms[mask].tolist()
+    return [ms[mask & (r["target"] == t)].tolist() for t in range(len(result["spec"]["targets"]))]
+
+
+def find_capacity(
+    probe: Callable[[float, int], dict[str, Any]],
+    ladder: list[dict[str, Any]],
+    saturation_rps: float,
+    probes: int,
+    progress: Progress,
+    name: str,
+) -> dict[str, Any]:
+    """Highest arrival rate sustained within the SLO: bisection (geometric) between the highest
+    ladder rate that passed and the lowest that failed (or 1.3x the saturation throughput)."""
+    ran = [r for r in ladder if "skipped" not in r]
+    passed = [r["rate"] for r in ran if r["sustained"]]
+    lo = max(passed, default=0.0)
+    failed = [r["rate"] for r in ran if not r["sustained"] and r["rate"] > lo]
+    hi = min(failed, default=max(1.3 * saturation_rps, 1.3 * lo, 1.0))
+    tried = []
+    for i in range(probes):
+        rate = math.sqrt(lo * hi) if lo > 0 else hi / 2
+        progress.step(f"{name}: capacity probe {i + 1}/{probes} at {rate:.0f}/s (bracket {lo:.0f}-{hi:.0f})")
+        s = probe(rate, i)
+        tried.append(s)
+        if s["sustained"]:
+            lo = rate
+        else:
+            hi = rate
+        progress.done()
+    # upper_assumed: no run failed, so the top of the bracket is an assumption, not a measurement
+    upper_assumed = not failed and all(p["sustained"] for p in tried)
+    return {"rps": lo, "bracket": [lo, hi], "probes": tried, "upper_assumed": upper_assumed}
+
+
+def serving_headline(backends: dict[str, Any], cfg: BenchConfig) -> dict[str, Any]:
+    def ratio(a: float, b: float) -> float:
+        return a / b if b and b > 0 and not math.isnan(b) else float("nan")
+
+    svc, off, naive = (backends.get(n) for n in ("service", "batching off", "naive"))
+    out: dict[str, Any] = {"slo_p99_ms": cfg.slo_p99_ms}
+    if svc and naive:
+        out["throughput_ratio_vs_naive_at_equal_p99"] = ratio(svc["capacity"]["rps"], naive["capacity"]["rps"])
+        out["saturation_ratio_vs_naive"] = ratio(
+            svc["saturation"]["throughput_rps"], naive["saturation"]["throughput_rps"]
+        )
+    if svc and off:
+        out["batching_gain_at_equal_p99"] = ratio(svc["capacity"]["rps"], off["capacity"]["rps"])
+        out["batching_gain_saturation"] = ratio(
+            svc["saturation"]["throughput_rps"], off["saturation"]["throughput_rps"]
+        )
+        both = [
+            (a, b) for a, b in zip(svc["rates"], off["rates"], strict=True) if a.get("sustained") and b.get("sustained")
+        ]
+        if both:
+            a, b = both[-1]
+            out["batching_p99_at_highest_common_rate"] = {
+                "rate": a["rate"],
+                "on_ms": a["latency_ms"]["p99"],
+                "off_ms": b["latency_ms"]["p99"],
+            }
+    return out
+
+
+# ---- zero added cost ------------------------------------------------------------------------------------
+
+
+def run_zero_cost(cfg: BenchConfig, bundles: Bundles, bodies: list[dict], progress: Progress) -> dict[str, Any]:
+    from export.compare import graph_signature
+    from karma.bundle import QUERY_ENCODER_FILE
+
+    assert bundles.a is not None and bundles.b is not None
+    progress.step(f"zero added cost: action-only vs karma, interleaved ABBA, {cfg.zero_cost_s:g} s")
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(2) as pool:  # both servers start at once
+        starting = [pool.submit(stack.enter_context, harness.karma_serve(b, cfg.redis_url, timeout_s=300))
+                    for b in (bundles.a, bundles.b)]  # fmt: skip
+        (base_a, _), (base_b, _) = (f.result() for f in starting)
+        infos = [server_info(base_a), server_info(base_b)]
+        result = run_load(
+            {"targets": [base_a, base_b], "interleave": "abba", "bodies": bodies, "mode": "closed", "concurrency": 1,
+             "warmup_s": cfg.warmup_s, "duration_s": cfg.zero_cost_s, "seed": cfg.seed},
+            cfg.out / "raw", "zero-cost",
+        )  # fmt: skip
+    progress.done()
+    sig_a, sig_b = (graph_signature(b / QUERY_ENCODER_FILE) for b in (bundles.a, bundles.b))
+    ab = ab_ratios(result, cfg.zero_cost_blocks)
+    lat = _window_latencies(result, by_target=True)
+    return {
+        "bundles": {"a": str(bundles.a), "b": str(bundles.b)},
+        "info": {"a": infos[0], "b": infos[1]},
+        "identical_query_graphs": sig_a == sig_b,
+        "a": summarize(result, 0),
+        "b": summarize(result, 1),
+        "ratio": ab,
+        "blocks": cfg.zero_cost_blocks,
+        "loadgen_cpu": summarize(result)["loadgen_cpu"],
+        "latencies_ms": {"a": lat[0], "b": lat[1]},
+        "protocol": "both servers up; one request in flight; requests alternate A B B A; same bodies",
+    }
+
+
+# ---- index --------------------------------------------------------------------------------------------------
+
+
+def run_index(cfg: BenchConfig, dim: int, progress: Progress) -> dict[str, Any]:
+    from bench.index_bench import bench_size, default_cases
+
+    rows = []
+    for n in cfg.index_sizes:
+        progress.step(f"index: flat vs HNSW vs IVF-PQ over {n:,} x {dim} vectors")
+        rows.extend(bench_size(n, dim, default_cases(n), seed=cfg.seed))
+        progress.done()
+    return {"rows": rows, "dim": dim}
+
+
+# ---- the whole run -----------------------------------------------------------------------------------------
+
+
+def run_bench(cfg: BenchConfig, command: str | None = None) -> dict[str, Any]:
+    """Run the chosen parts; write bench.json, bench.md and the PNG plots under cfg.out; return the results."""
+    from bench.report import write_report
+
+    unknown = set(cfg.parts) - set(PARTS)
+    if unknown:
+        raise KarmaError(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    started = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": command or "karma bench",
+        "machine": machine(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+    }
+    log.info("karma bench on %s; results under %s", machine_line(meta["machine"]), cfg.out)
+    build = not (cfg.bundle_b or cfg.bundle_a or cfg.checkpoint) and bool({"serving", "zero-cost"} & set(cfg.parts))
+    progress = Progress(plan_steps(cfg, build))
+    results: dict[str, Any] = {"meta": meta}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(logging_redirect_tqdm())  # log lines print above the progress bar
+        stack.callback(progress.close)
+        bundles = prepare_bundles(cfg, progress)
+        results["bundles"] = {
+            "action_only": str(bundles.a),
+            "karma": str(bundles.b),
+            "checkpoint": str(bundles.checkpoint),
+            "built_here": bundles.built,
+            "build_s": bundles.build_s,
+            "train_overrides": train_overrides(cfg) if bundles.built else None,
+        }
+        dim = cfg.index_dim or 64
+        bodies: list[dict] = []
+        if bundles.b is not None:
+            bodies, protocol = request_bodies(bundles.b, cfg.bodies, cfg.history, cfg.k, cfg.seed)
+            results["protocol"] = protocol
+            dim = cfg.index_dim or protocol["embed_dim"]
+        if "serving" in cfg.parts:
+            results["serving"] = run_serving(cfg, bundles, bodies, progress)
+        if "zero-cost" in cfg.parts:
+            results["zero_cost"] = run_zero_cost(cfg, bundles, bodies, progress)
+        if "index" in cfg.parts:
+            results["index"] = run_index(cfg, dim, progress)
+    meta["elapsed_s"] = time.perf_counter() - started
+    meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    paths = write_report(results, cfg.out)
+    log.info("karma bench: %.0f s; wrote %s", meta["elapsed_s"], ", ".join(str(p) for p in paths))
+    return results
+
+
+def config_for(quick: bool, **given: Any) -> BenchConfig:
+    """Defaults (full or quick) with the options the user gave (None = not given)."""
+    cfg = BenchConfig(quick=quick)
+    if quick:
+        cfg = replace(cfg, **QUICK)
+    return replace(cfg, **{k: v for k, v in given.items() if v is not None})
+
+
+# ---- command line (`karma bench`) ---------------------------------------------------------------------------
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _ints(text: str) -> list[int]:
+    return [int(float(x)) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str]) -> tuple[bool, dict[str, Any]]:
+    import argparse
+
+    full = BenchConfig()
+    p = argparse.ArgumentParser(
+        prog="karma bench",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, help=f"Results folder (default {full.out}).")
+    p.add_argument("--quick", action="store_true", help="Smoke run: 1k-item tiny model, short runs (~3 min).")
+    p.add_argument("--parts", type=_names, help=f"Comma-separated subset of {','.join(PARTS)} (default: all).")
+    p.add_argument(
+        "--backends", type=_names, help="Part serving: comma-separated subset of service,batching off,naive."
+    )
+    p.add_argument("--bundle-a", type=Path, help="Action-only bundle (part zero-cost).")
+    p.add_argument("--bundle-b", type=Path, help="Karma bundle: the served one (parts serving, zero-cost).")
+    p.add_argument("--checkpoint", type=Path, help="Bundle b's training checkpoint (the naive baseline).")
+    p.add_argument("--workdir", type=Path, help="Build the bundles here (default <out>/work).")
+    p.add_argument("--items", type=int, help=f"Synthetic catalog size of built bundles (default {full.items:,}).")
+    p.add_argument("--train-set", dest="train_sets", action="append", help="Training override for built bundles.")
+    p.add_argument("--history", type=int, help="History items per request (default: the model's max_history).")
+    p.add_argument("--k", type=int, help=f"Results per request (default {full.k}).")
+    p.add_argument("--rates", type=_floats, help=f"Fixed arrival rates, req/s (default {full.rates}).")
+    p.add_argument("--warmup", dest="warmup_s", type=float, help=f"Warm-up s per run (default {full.warmup_s}).")
+    p.add_argument("--duration", dest="duration_s", type=float, help=f"Measured s per run (default {full.duration_s}).")
+    p.add_argument("--concurrency", type=int, help=f"In flight at saturation (default {full.concurrency}).")
+    p.add_argument("--slo-p99-ms", type=float, help=f"p99 budget of the capacity search (default {full.slo_p99_ms}).")
+    p.add_argument("--probes", type=int, help=f"Capacity bisection probes per backend (default {full.probes}).")
+    p.add_argument("--probe-s", type=float, help=f"Measured s per probe (default {full.probe_s}).")
+    p.add_argument("--zero-cost-s", type=float, help=f"Measured s of the A/B run (default {full.zero_cost_s}).")
+    p.add_argument(
+        "--zero-cost-blocks", type=int, help=f"Blocks for the ratio spread (default {full.zero_cost_blocks})."
+    )
+    p.add_argument("--index-sizes", type=_ints, help=f"Index bench sizes (default {full.index_sizes}).")
+    p.add_argument("--index-dim", type=int, help="Index bench vector width (default: the served D).")
+    p.add_argument("--redis-url", help="Redis for the servers (default: serve.redis_url).")
+    p.add_argument("--seed", type=int)
+    args = vars(p.parse_args(argv))
+    quick = args.pop("quick")
+    if args["redis_url"] is None:
+        from karma.config import load_config
+
+        args["redis_url"] = load_config().serve.redis_url
+    return quick, args
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """`karma bench ARGS`: run, write the results, print the Markdown tables."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    quick, given = parse_args(argv)
+    cfg = config_for(quick, **given)
+    results = run_bench(cfg, "karma bench " + shlex.join(argv))
+    print((cfg.out / "bench.md").read_text())
+    return results

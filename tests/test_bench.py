@@ -1,0 +1,184 @@
+"""`karma bench` at toy size: the real load generator against real servers (`karma serve`, the naive
+PyTorch server), the naive backend's ranking against the ONNX service's, the index bench, the report.
+
+No timing thresholds: these tests check that the pieces measure what they say, not how fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from bench.index_bench import IndexCase, bench_size, recall_at_k
+from bench.loadgen import arrival_offsets, assign
+from bench.naive import naive_engine
+from bench.runner import config_for, request_bodies, run_bench
+from bench.stats import ab_ratios, summarize, sustained
+from karma.config import ServeConfig
+from karma.errors import KarmaError
+from service.app import create_app
+from tests.conftest import KARMA_BIN, REDIS_URL, needs_redis
+
+
+def fake_run(latencies: dict[int, list[float]], status: dict[int, list[int]] | None = None) -> dict[str, Any]:
+    """A load-generator result: requests 10 ms apart inside a [0, 10) s window, given latencies (ms) per target."""
+    rows = []
+    for target, values in latencies.items():
+        for i, ms in enumerate(values):
+            code = (status or {}).get(target, [200] * len(values))[i]
+            rows.append((target, 0.01 * (2 * i + target), ms / 1000, code))
+    rows.sort(key=lambda r: r[1])
+    records = {"target": [], "scheduled": [], "sent": [], "done": [], "status": [], "batch": [], "server_ms": []}
+    for target, sent, seconds, code in rows:
+        for key, value in zip(records, (target, sent, sent, sent + seconds, code, 1, seconds * 500), strict=True):
+            records[key].append(value)
+    return {"records": records, "window_s": [0.0, 10.0], "cpu": {"user_s": 0.3, "system_s": 0.1, "wall_s": 10.0},
+            "spec": {"targets": ["a", "b"]}}  # fmt: skip
+
+
+def test_arrivals_interleaving_and_summaries() -> None:
+    poisson = arrival_offsets(200, 10, "poisson", seed=1)
+    assert abs(len(poisson) - 2000) < 4 * np.sqrt(2000) and poisson == sorted(poisson) and poisson[-1] < 10
+    assert arrival_offsets(4, 1, "uniform", 0) == [0.0, 0.25, 0.5, 0.75]
+    assert [assign(i, 2, "abba") for i in range(8)] == [0, 1, 1, 0, 0, 1, 1, 0]
+    assert [assign(i, 3, "round_robin") for i in range(4)] == [0, 1, 2, 0]
+
+    run = fake_run({0: [1.0] * 99 + [5.0], 1: [2.0] * 99 + [10.0]}, {0: [200] * 100, 1: [200] * 98 + [429, 0]})
+    a, b = summarize(run, 0), summarize(run, 1)
+    assert a["ok"] == 100 and a["error_count"] == 0 and a["latency_ms"]["p50"] == pytest.approx(1.0)
+    assert b["ok"] == 98 and b["errors"] == {"0": 1, "429": 1}
+    assert a["throughput_rps"] == pytest.approx(10.0) and a["loadgen_cpu"]["util"] == pytest.approx(0.04)
+    assert sustained(a, slo_p99_ms=10) and not sustained(a, slo_p99_ms=0.5) and not sustained(b, slo_p99_ms=100)
+
+    ab = ab_ratios(fake_run({0: [1.0] * 100, 1: [2.0] * 100}), blocks=4)
+    assert ab["pooled"]["p50"] == pytest.approx(2.0) and len(ab["blocks"]) == 4
+    assert ab["spread"]["p99"]["min"] == pytest.approx(2.0) and ab["blocks"][0]["n_a"] == 25
+
+
+def test_index_bench_flat_is_exact_and_approximate_indexes_are_measured() -> None:
+    assert recall_at_k(np.array([[1, 2, 3], [7, 8, -1]]), np.array([[3, 4, 1], [7, 8, 9]])) == pytest.approx(4 / 6)
+    cases = [
+        IndexCase("flat"),
+        IndexCase("hnsw", {"m": 8, "ef_construction": 40}, [{"ef_search": 64}]),
+        IndexCase("ivfpq", {"nlist": 16, "m": 4, "nbits": 6}, [{"nprobe": 1}, {"nprobe": 16}]),
+    ]
+    rows = bench_size(2000, 16, cases, k=50, recall_queries=50, latency_queries=10, clusters=20)
+    by = {(r["index"], r["params"].get("nprobe")): r for r in rows}
+    assert len(rows) == 4 and by[("flat", None)]["recall@50"] == 1.0
+    assert by[("flat", None)]["bytes"] >= 2000 * 16 * 4 > by[("ivfpq", 16)]["bytes"]
+    assert 0 < by[("ivfpq", 1)]["recall@50"] < by[("ivfpq", 16)]["recall@50"] < 1.0  # PQ codes are lossy
+    assert 0.5 < by[("hnsw", None)]["recall@50"] <= 1.0
+    assert all(r["latency_ms"]["p50"] > 0 and r["build_s"] >= 0 for r in rows)
+
+
+@needs_redis
+def test_naive_backend_ranks_like_the_onnx_service(tiny_export: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, bundle = tiny_export
+    bodies, _ = request_bodies(bundle, 6, history=None, k=20, seed=3)
+    bodies += [{"query": "red shoes", "k": 5}, {"history": bodies[0]["history"][:3], "k": 5}]
+    settings = ServeConfig(bundle=bundle, intra_op_threads=1, access_log=False, redis_url=REDIS_URL)
+
+    async def answers(factory: Any) -> tuple[list[dict], dict]:
+        app = create_app(settings.model_copy(update={"max_batch_size": 1} if factory else {}), engine_factory=factory)
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://karma") as client:
+                got = [(await client.post("/search", json=body)).json() for body in bodies]
+                return got, (await client.get("/info")).json()
+
+    onnx, _ = asyncio.run(answers(None))
+    torch_, info = asyncio.run(answers(partial(naive_engine, checkpoint=checkpoint)))
+    assert "PyTorch" in info["session_providers"][0] and info["batching"]["max_batch_size"] == 1
+    for a, b in zip(onnx, torch_, strict=True):
+        assert len(a["items"]) == len(b["items"]) > 0 and b["batch_size"] == 1
+        scores = np.array([i["score"] for i in a["items"]])
+        np.testing.assert_allclose([i["score"] for i in b["items"]], scores, atol=1e-4)
+        for pos, (x, y) in enumerate(zip(a["items"], b["items"], strict=True)):
+            if x["item_id"] != y["item_id"]:  # only a near-tie may swap places
+                assert np.ptp(scores[max(0, pos - 1) : pos + 2]) < 2e-4, (pos, x, y)
+
+    # A checkpoint that is not the bundle's model is refused at start-up.
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    path = str(other / "model.safetensors")
+    with safe_open(path, framework="np") as fh:
+        metadata = fh.metadata()  # tied-weight aliases
+    weights = load_file(path)
+    weights["query_tower.out.weight"] = weights["query_tower.out.weight"] * 1.5 + 0.01
+    save_file(weights, path, metadata=metadata)
+    with pytest.raises(KarmaError, match="is not the model of bundle"):
+        naive_engine(bundle, other)
+
+
+@needs_redis
+def test_karma_bench_runs_servers_and_load_generator_and_writes_the_report(
+    tiny_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The real runner at toy size: `karma serve` (own process) under closed and open loop from the load
+    generator (own process), the zero-cost A/B run against two `karma serve` processes (the same bundle
+    twice), the index bench, and the report. (The naive server is the same app: see the test above.)"""
+    checkpoint, bundle = tiny_export
+    cfg = config_for(
+        True, out=tmp_path / "out", bundle_a=bundle, bundle_b=bundle, checkpoint=checkpoint, backends=("service",),
+        rates=[40.0], probes=0, warmup_s=0.2, duration_s=0.8, concurrency=4, zero_cost_s=1.0, zero_cost_blocks=2,
+        index_sizes=[1000], bodies=50, redis_url=REDIS_URL,
+    )  # fmt: skip
+    results = run_bench(cfg, "karma bench --test")
+
+    service = results["serving"]["backends"]["service"]
+    for run in (service["saturation"], service["rates"][0]):
+        assert run["ok"] > 0 and run["error_count"] == 0 and run["mean_batch"] >= 1.0
+        assert run["loadgen_cpu"]["cpu_s"] > 0 and run["latency_ms"]["p50"] > 0 and run["server_cpu_util"] > 0
+    assert service["rates"][0]["spec"]["mode"] == "open" and service["saturation"]["spec"]["concurrency"] == 4
+    assert service["info"]["batching"]["max_batch_size"] == 32
+    zc = results["zero_cost"]
+    assert zc["identical_query_graphs"] and zc["a"]["error_count"] == zc["b"]["error_count"] == 0
+    assert abs(zc["a"]["requests"] - zc["b"]["requests"]) <= 2 and zc["a"]["requests"] > 10  # ABBA, one in flight
+    assert [r["recall@200"] for r in results["index"]["rows"] if r["index"] == "flat"] == [1.0]
+
+    out = cfg.out
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["meta"]["machine"]["cores"] and saved["protocol"]["k"] == cfg.k
+    md = (out / "bench.md").read_text()
+    for needle in ("## Headline", "KARMA / action-only latency, p50", "(a) + (c)", "| service |", "(b) Zero added",
+                   "(d) Exact vs approximate", "load generator CPU", "Load generator's own CPU"):  # fmt: skip
+        assert needle in md, needle
+    for name in ("serving_latency.png", "zero_cost.png", "index.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_capacity_search_brackets_the_slo_rate() -> None:
+    """Bisection between the ladder's last pass and first failure, with a fake server that sustains <= 230/s."""
+    from bench.runner import Progress, find_capacity
+
+    def run(rate: float, _: int = 0) -> dict[str, Any]:
+        return {"rate": rate, "sustained": rate <= 230, "latency_ms": {"p99": 1.0 if rate <= 230 else 99.0}}
+
+    ladder = [run(r) for r in (50, 100, 200, 400)] + [{"rate": 800, "skipped": "overloaded at 400/s"}]
+    progress = Progress(total=6)
+    got = find_capacity(run, ladder, saturation_rps=300, probes=6, progress=progress, name="fake")
+    progress.close()
+    lo, hi = got["bracket"]
+    assert 200 <= lo <= 230 < hi <= 400 and hi / lo < 1.05 and got["rps"] == lo and not got["upper_assumed"]
+    everything_passes = find_capacity(lambda r, i: {"rate": r, "sustained": True}, [], 100.0, 2, progress, "x")
+    assert everything_passes["upper_assumed"] and everything_passes["rps"] == pytest.approx((65 * 130) ** 0.5)
+
+
+def test_karma_bench_help_and_bad_parts() -> None:
+    import subprocess
+
+    help_ = subprocess.run([KARMA_BIN, "bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "--bundle-a" in help_.stdout and "zero-cost" in help_.stdout
+    bad = subprocess.run([KARMA_BIN, "bench", "--parts", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown part(s) ['nope']")
