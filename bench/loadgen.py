@@ -23,7 +23,10 @@ X-Total-Time; the measured window; and this process's own CPU time (getrusage: u
 seconds over the run), so every table can state what the load generator itself cost.
 
 Latency is `done - sent`; `sent - scheduled` is the generator's own lag (timer granularity ~1 ms,
-more if it cannot keep up), reported beside it. uvloop is used when installed.
+more if it cannot keep up), reported beside it. A pooled keep-alive connection that the server has
+closed meanwhile (uvicorn closes idle ones after 5 s) is dropped, or, if that is only seen on
+sending, the request is resent once on a new connection (latency still counted from the first
+send); `stale_connections` counts both. uvloop is used when installed.
 """
 
 from __future__ import annotations
@@ -83,6 +86,12 @@ def assign(i: int, n_targets: int, interleave: str) -> int:
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
+        self.used = 0  # responses read on it
+
+    @property
+    def closed_by_peer(self) -> bool:
+        """The server closed it while it sat in the pool (e.g. its keep-alive timeout, 5 s in uvicorn)."""
+        return self.reader.at_eof() or self.writer.is_closing()
 
     async def roundtrip(self, payload: bytes) -> tuple[int, int, float]:
         """Send one request, read its response: (status, batch_size or -1, X-Total-Time ms or -1)."""
@@ -104,6 +113,7 @@ class Connection:
             while end < len(body) and body[end : end + 1].isdigit():
                 end += 1
             batch = int(body[at:end] or -1)
+        self.used += 1
         return status, batch, server_ms
 
     def close(self) -> None:
@@ -135,6 +145,7 @@ class LoadGenerator:
             k: [] for k in ("target", "scheduled", "sent", "done", "status", "batch", "server_ms")
         }
         self.t0 = 0.0
+        self.stale = 0  # pooled connections found closed by the server (dropped, or the request resent)
 
     async def _connect(self, which: int) -> Connection:
         url = self.targets[which]
@@ -147,28 +158,37 @@ class LoadGenerator:
         self.opened[which] += 1
         return Connection(reader, writer)
 
-    async def _one(self, i: int, scheduled: float, conn: Connection | None = None) -> Connection | None:
-        """Request i (to its target); returns the connection for reuse (closed-loop workers keep theirs)."""
+    async def _one(self, i: int, scheduled: float) -> None:
+        """Open loop: request i to its target, on a pooled connection."""
         which = assign(i, len(self.targets), self.spec["interleave"])
-        if conn is not None:
-            return await self._send(which, i, scheduled, conn)
-        async with self.slots[which]:  # open loop: a pooled connection, or a new one
+        async with self.slots[which]:  # open loop: a pooled connection (newest first), or a new one
             pool = self.pools[which]
-            conn = await self._send(which, i, scheduled, pool.pop() if pool else await self._connect(which))
+            while pool and pool[-1].closed_by_peer:
+                pool.pop().close()
+                self.stale += 1
+            conn = await self._send(which, i, scheduled, pool.pop() if pool else None)
             if conn is not None:
                 pool.append(conn)
-        return None
 
-    async def _send(self, which: int, i: int, scheduled: float, conn: Connection) -> Connection | None:
+    async def _send(self, which: int, i: int, scheduled: float, conn: Connection | None) -> Connection | None:
+        """Send request i on `conn` (None: a new connection, its connect time counted) and record the answer."""
         payload = self.payloads[which][i % len(self.payloads[which])]
         status, batch, server_ms = -1, -1, -1.0
         sent = time.perf_counter() - self.t0
-        try:
-            status, batch, server_ms = await conn.roundtrip(payload)
-        except asyncio.CancelledError:  # still unanswered at the drain deadline: recorded as status 0
-            status = 0
-        except (OSError, asyncio.IncompleteReadError, ValueError):
-            pass  # status -1
+        for attempt in (1, 2):
+            try:
+                if conn is None:
+                    conn = await self._connect(which)
+                status, batch, server_ms = await conn.roundtrip(payload)
+            except asyncio.CancelledError:  # still unanswered at the drain deadline: recorded as status 0
+                status = 0
+            except (OSError, asyncio.IncompleteReadError, ValueError):
+                if attempt == 1 and conn is not None and conn.used:  # kept alive, but the server closed it
+                    conn.close()  # as we sent: resend once on a new one, as HTTP clients do (latency from `sent`)
+                    self.stale += 1
+                    conn = None
+                    continue
+            break
         done = time.perf_counter() - self.t0
         c = self.columns
         c["target"].append(which)
@@ -179,7 +199,8 @@ class LoadGenerator:
         c["batch"].append(batch)
         c["server_ms"].append(server_ms)
         if status <= 0:
-            conn.close()
+            if conn is not None:
+                conn.close()
             return None
         return conn
 
@@ -205,9 +226,7 @@ class LoadGenerator:
                 while time.perf_counter() - self.t0 < end:
                     i = next(counter)
                     target = assign(i, len(self.targets), self.spec["interleave"])
-                    if conns.get(target) is None:
-                        conns[target] = await self._connect(target)
-                    conns[target] = await self._one(i, time.perf_counter() - self.t0, conns[target])
+                    conns[target] = await self._send(target, i, time.perf_counter() - self.t0, conns.get(target))
             finally:
                 for conn in conns.values():
                     if conn is not None:
@@ -251,6 +270,7 @@ class LoadGenerator:
             "window_s": [warmup, warmup + duration],
             "records": self.columns,
             "connections_opened": self.opened,
+            "stale_connections": self.stale,
             "cpu": {
                 "user_s": usage.ru_utime - usage0.ru_utime,
                 "system_s": usage.ru_stime - usage0.ru_stime,

@@ -74,6 +74,7 @@ def summarize(result: dict[str, Any], target: int | None = None) -> dict[str, An
             "us_per_request": cpu_s * 1e6 / all_requests if all_requests else float("nan"),
         },
         "window_s": seconds,
+        "stale_connections": int(result.get("stale_connections", 0)),
     }
 
 

@@ -7,8 +7,11 @@ No timing thresholds: these tests check that the pieces measure what they say, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
+import threading
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import numpy as np
 import pytest
 
 from bench.index_bench import IndexCase, bench_size, recall_at_k
-from bench.loadgen import arrival_offsets, assign
+from bench.loadgen import arrival_offsets, assign, run_load
 from bench.naive import naive_engine
 from bench.runner import config_for, request_bodies, run_bench
 from bench.stats import ab_ratios, summarize, sustained
@@ -61,6 +64,59 @@ def test_arrivals_interleaving_and_summaries() -> None:
     ab = ab_ratios(fake_run({0: [1.0] * 100, 1: [2.0] * 100}), blocks=4)
     assert ab["pooled"]["p50"] == pytest.approx(2.0) and len(ab["blocks"]) == 4
     assert ab["spread"]["p99"]["min"] == pytest.approx(2.0) and ab["blocks"][0]["n_a"] == 25
+
+
+@contextlib.contextmanager
+def one_answer_per_connection() -> Iterator[str]:
+    """A server that answers one request per connection and then closes it without saying so (no
+    `Connection: close`): what a kept-alive connection looks like after the server's idle timeout."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            start = head.index(b"content-length:") + 15
+            await reader.readexactly(int(head[start : head.index(b"\r\n", start)]))
+            body = b'{"batch_size":3}'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+        writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port.append(server.sockets[0].getsockname()[1])
+        ready.set()
+        async with server:
+            await server.serve_forever()
+
+    task = loop.create_task(serve())
+
+    def run() -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(task)
+        loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    ready.wait(10)
+    try:
+        yield f"http://127.0.0.1:{port[0]}"
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        thread.join(10)
+
+
+def test_load_generator_resends_on_connections_the_server_closed(tmp_path: Path) -> None:
+    with one_answer_per_connection() as base:
+        for mode in ("open", "closed"):
+            spec = {"targets": [base], "bodies": [{"k": 1}], "mode": mode, "rate": 60, "concurrency": 2,
+                    "warmup_s": 0.1, "duration_s": 0.6}  # fmt: skip
+            result = run_load(spec, tmp_path, mode)
+            s = summarize(result)
+            assert s["requests"] > 5 and s["error_count"] == 0 and s["mean_batch"] == 3, (mode, s)
+            assert result["stale_connections"] > 0 and sum(result["connections_opened"]) > s["requests"]
 
 
 def test_index_bench_flat_is_exact_and_approximate_indexes_are_measured() -> None:
@@ -131,8 +187,8 @@ def test_karma_bench_runs_servers_and_load_generator_and_writes_the_report(
     checkpoint, bundle = tiny_export
     cfg = config_for(
         True, out=tmp_path / "out", bundle_a=bundle, bundle_b=bundle, checkpoint=checkpoint, backends=("service",),
-        rates=[40.0], probes=0, warmup_s=0.2, duration_s=0.8, concurrency=4, zero_cost_s=1.0, zero_cost_blocks=2,
-        index_sizes=[1000], bodies=50, redis_url=REDIS_URL,
+        rates=[40.0], probes=0, warmup_s=0.2, duration_s=0.6, concurrency=4, zero_cost_s=0.8, zero_cost_blocks=2,
+        index_sizes=[400], bodies=50, redis_url=REDIS_URL,
     )  # fmt: skip
     results = run_bench(cfg, "karma bench --test")
 
