@@ -102,8 +102,8 @@ def headline(results: dict[str, Any]) -> list[list[str]]:
                 on, off = common["on_ms"], common["off_ms"]
                 rows.append(
                     [
-                        f"p50 / p99 at {common['rate']:g} req/s (highest fixed rate both kept up with), on | off",
-                        f"{on['p50']:.1f} / {on['p99']:.1f} ms | {off['p50']:.1f} / {off['p99']:.1f} ms",
+                        f"p50 / p99 at {common['rate']:g} req/s (highest fixed rate both kept up with), on vs off",
+                        f"{on['p50']:.1f} / {on['p99']:.1f} ms vs {off['p50']:.1f} / {off['p99']:.1f} ms",
                         "",
                         "",
                     ]
@@ -123,7 +123,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# karma bench — {meta['date']}",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}; "
+        f"- Machine: {m['cpu']} ({m.get('cpu_id', '')}; {', '.join(m.get('isa', [])) or 'no AVX2'}), "
+        f"{m['cores']} cores, {m['memory_gib']} GiB, {m['os']}, Python {m['python']}; "
         f"{versions}.",
         f"  Load average at start {m['load_average_at_start']}, at end {meta.get('load_average_at_end')}.",
         f"- Command: `{meta['command']}` ({meta.get('elapsed_s', 0) / 60:.1f} min).",
@@ -322,6 +323,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import NullFormatter
 
     written = []
     title = f"{results['meta']['machine']['cpu']}, {results['meta']['machine']['cores']} cores"
@@ -389,6 +391,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
                 tag = ",".join(f"{a}={b}" for a, b in r["params"].items() if a in ("ef_search", "nprobe"))
                 ax.annotate(f"{r['index']} {tag}".strip(), (r["latency_ms"]["p50"], r[f"recall@{k}"]), fontsize=8)
             ax.set(xscale="log", xlabel="p50 ms / query (batch 1)", ylabel=f"recall@{k} vs exact", title=f"{n:,} items")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # crowded minor labels on a short log range
         fig.suptitle(title)
         fig.tight_layout()
         written.append(out / "index.png")

@@ -157,8 +157,21 @@ def machine() -> dict[str, Any]:
     for name in ("onnxruntime", "faiss-cpu", "torch", "fastapi", "uvicorn", "uvloop", "httptools", "numpy"):
         with contextlib.suppress(PackageNotFoundError):
             versions[name] = version(name)
+    cpu_id, isa = "", []
+    with contextlib.suppress(OSError):
+        info = dict(
+            line.split(":", 1)
+            for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+            if ":" in line
+        )
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu_id = f"family {info.get('cpu family')} model {info.get('model')}"
+        flags = set(info.get("flags", "").split())
+        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return {
         "cpu": cpu_model(),
+        "cpu_id": cpu_id,
+        "isa": isa,
         "cores": usable_cores(),
         "memory_gib": mem_gib,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
@@ -646,6 +659,6 @@ def main(argv: list[str]) -> dict[str, Any]:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     quick, given = parse_args(argv)
     cfg = config_for(quick, **given)
-    results = run_bench(cfg, "karma bench " + shlex.join(argv))
+    results = run_bench(cfg, " ".join(["karma bench", shlex.join(argv)]).strip())
     print((cfg.out / "bench.md").read_text())
     return results
