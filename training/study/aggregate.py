@@ -40,7 +40,10 @@ def preset_table(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
     diag_keys = list(runs[0]["diagnostics"]["summary"]) if runs else []
     diagnostics = {k: spread([r["diagnostics"]["summary"].get(k) for r in runs]) for k in diag_keys}
-    seconds = {k: spread([r["seconds"][k] for r in runs]) for k in ("train", "evaluate", "diagnose", "export")}
+    seconds = {
+        k: spread([r["seconds"].get(k) for r in runs])
+        for k in ("train", "train_cpu_per_step", "evaluate", "diagnose", "export")
+    }
     return {
         "seeds": [r["seed"] for r in runs],
         "metrics": metrics,

@@ -164,14 +164,21 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
             return result
     _claim(run, current)
 
-    started = time.perf_counter()
+    checkpoint = run / CHECKPOINT_DIR
+    state = checkpoint / "trainer_state.json"
+    first_step = json.loads(state.read_text())["step"] if state.exists() else 0
+    started, cpu_started = time.perf_counter(), time.process_time()
     train_result = train(config, resume=True, progress=progress, evaluate_at_end=False)
-    train_wall = time.perf_counter() - started
-    with (run / RUN_WALL_LOG).open("a") as fh:  # one line per invocation: a resumed run sums them
-        fh.write(json.dumps({"train_wall_s": train_wall, "train_seconds": train_result["train_seconds"]}) + "\n")
+    timing = {  # one line per invocation (a resumed run sums them; a killed one leaves no line)
+        "steps": config.train.semantic_warmup_steps + config.train.steps - first_step,
+        "train_wall_s": time.perf_counter() - started,
+        "train_cpu_s": time.process_time() - cpu_started,  # not counting time paused (SIGSTOP) or waiting
+        "train_seconds": train_result["train_seconds"],
+    }
+    with (run / RUN_WALL_LOG).open("a") as fh:
+        fh.write(json.dumps(timing) + "\n")
     plot_training_curves(run / METRICS_LOG, run / "training_curves.png")
 
-    checkpoint = run / CHECKPOINT_DIR
     info = read_checkpoint_info(checkpoint)
     setup = build_setup(config, checkpoint=checkpoint, progress=False)
     t0 = time.perf_counter()
@@ -206,6 +213,9 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
             "train": sum(w["train_seconds"] for w in walls),
             "train_wall": sum(w["train_wall_s"] for w in walls),
             "invocations": len(walls),
+            # CPU seconds per optimizer step over the invocations that logged both (None for runs
+            # recorded before CPU time was logged): immune to the job being paused or preempted.
+            "train_cpu_per_step": _cpu_per_step(walls),
             "evaluate": eval_seconds,
             "diagnose": diagnose_seconds,
             "export": export_summary["seconds"] if export_summary else 0.0,
@@ -216,6 +226,11 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
     }
     write_json(done, result)
     return result
+
+
+def _cpu_per_step(walls: list[dict[str, Any]]) -> float | None:
+    timed = [w for w in walls if "train_cpu_s" in w and w.get("steps")]
+    return sum(w["train_cpu_s"] for w in timed) / sum(w["steps"] for w in timed) if timed else None
 
 
 def _export(checkpoint: Path, bundle: Path) -> dict[str, Any]:
