@@ -252,6 +252,13 @@ class ServeConfig(StrictModel):
     providers: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="ONNX Runtime execution provider: auto = CUDA when ORT has it, else CPU."
     )
+    faiss_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description=(
+            "Where the FAISS index searches: auto = GPU 0 when this FAISS build sees a GPU and the index type "
+            "has a GPU version (flat, IVF-PQ; not HNSW), else CPU; cuda = insist (start fails otherwise)."
+        ),
+    )
     intra_op_threads: int = Field(
         1, ge=1, le=256, description="ONNX Runtime intra-op threads (explicit; never ORT's all-cores default)."
     )

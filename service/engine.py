@@ -56,6 +56,38 @@ def select_providers(choice: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+GPU_INDEX_TYPES = ("flat", "ivfpq")  # FAISS has GPU versions of these; HNSW is CPU-only
+
+
+def select_faiss_device(choice: str, index_type: str) -> str:
+    """'cpu' or 'cuda' for a bundle's index: auto = GPU when FAISS sees one and can hold this index type."""
+    if choice == "cpu":
+        return "cpu"
+    from karma.bundle import import_faiss
+
+    faiss = import_faiss()
+    gpus = int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    if gpus > 0 and hasattr(faiss, "StandardGpuResources") and index_type in GPU_INDEX_TYPES:
+        return "cuda"
+    if choice == "cuda":
+        why = (
+            f"FAISS has no GPU version of a {index_type} index (serve it on the CPU, or export with --index flat/ivfpq)"
+            if gpus > 0
+            else "this FAISS build sees no GPU (install the gpu extra: faiss-gpu-cu12)"
+        )
+        raise KarmaError(f"serve.faiss_device=cuda, but {why}")
+    return "cpu"
+
+
+def index_to_gpu(index: Any) -> tuple[Any, Any]:
+    """(GPU copy of `index` on device 0, its GPU resources object, which must outlive it)."""
+    from karma.bundle import import_faiss
+
+    faiss = import_faiss()
+    resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(resources, 0, index), resources
+
+
 class Engine:
     """A validated bundle with open ONNX Runtime sessions and its FAISS index."""
 
@@ -77,17 +109,32 @@ class Engine:
         self._buckets = bundle.item_id_buckets
         inputs = {i.name for i in self.manifest.onnx.query_encoder.inputs}
         self._needs_buckets = QUERY_BUCKETS_INPUT in inputs
+        self.index_device = "cpu"  # "cuda" once `load` has moved the index to the GPU
+        self._gpu_resources: Any = None
         if self._needs_buckets and self._buckets is None:
             raise KarmaError(f"bundle {bundle.directory}: the query encoder needs hist_buckets but there are none")
 
     @classmethod
-    def load(cls, directory: Path | str, providers: list[str], intra_op_threads: int) -> Engine:
+    def load(
+        cls, directory: Path | str, providers: list[str], intra_op_threads: int, faiss_device: str = "cpu"
+    ) -> Engine:
         bundle = load_bundle(directory, check_graphs=False)  # open_sessions checks the graphs' I/O
         sessions = bundle.open_sessions(providers, intra_op_threads=intra_op_threads, inter_op_threads=1)
-        return cls(bundle, sessions)
+        engine = cls(bundle, sessions)
+        engine.index_device = select_faiss_device(faiss_device, bundle.manifest.index.type)
+        if engine.index_device == "cuda":
+            bundle.index, engine._gpu_resources = index_to_gpu(bundle.index)
+        return engine
 
     @classmethod
-    def prepare(cls, directory: Path | str, providers: list[str], intra_op_threads: int, warm_batch: int) -> Engine:
+    def prepare(
+        cls,
+        directory: Path | str,
+        providers: list[str],
+        intra_op_threads: int,
+        warm_batch: int,
+        faiss_device: str = "cpu",
+    ) -> Engine:
         """Load, validate, probe and warm a bundle, ready to serve (start-up and hot reload; blocking).
 
         Any failure is one `KarmaError` naming the bundle and the problem: the loader's own checks,
@@ -96,7 +143,7 @@ class Engine:
         """
         stage = "load"
         try:
-            engine = cls.load(directory, providers, intra_op_threads)
+            engine = cls.load(directory, providers, intra_op_threads, faiss_device)
             stage = "probe inference"
             engine.probe()
             stage = "warm-up batch"

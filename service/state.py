@@ -87,11 +87,12 @@ class ServiceState:
         self.started_at = time.time()
         self.startup_seconds = time.perf_counter() - began
         log.info(
-            "serving bundle %s (model %s, %d items, %s) ready in %.2f s",
+            "serving bundle %s (model %s, %d items, %s, index on %s) ready in %.2f s",
             config.bundle,
             engine.model_version,
             engine.n_items,
             engine.sessions.providers[0],
+            engine.index_device,
             self.startup_seconds,
         )
 
@@ -99,7 +100,13 @@ class ServiceState:
         """Load + validate + probe + warm (blocking: run it in a worker thread)."""
         if self.engine_factory is not None:
             return self.engine_factory(directory)
-        return Engine.prepare(directory, self.providers, self.config.intra_op_threads, self.config.max_batch_size)
+        return Engine.prepare(
+            directory,
+            self.providers,
+            self.config.intra_op_threads,
+            self.config.max_batch_size,
+            self.config.faiss_device,
+        )
 
     def _install(self, engine: Engine, directory: Path) -> None:
         """Make `engine` the one new requests get (no await inside: atomic for the event loop)."""
@@ -235,6 +242,7 @@ class ServiceState:
             "last_reload": self.last_reload,
             "admin_enabled": config.admin_api_key is not None,
             "providers": self.providers,
+            "faiss_device": config.faiss_device,
             "intra_op_threads": config.intra_op_threads,
             "batching": {
                 "max_batch_size": config.max_batch_size,
@@ -266,6 +274,7 @@ class ServiceState:
                         "metric": m.index.metric,
                         "params": m.index.params,
                         "ntotal": int(engine.bundle.index.ntotal),
+                        "device": engine.index_device,
                     },
                     "parameters": {**m.served_parameters, "served": engine.parameters},
                     "flops_per_request": engine.flops_per_request,

@@ -603,6 +603,7 @@ def test_info_readyz_openapi_and_draining(bundle_dir: Path, reference: dict, pre
                 assert info["model_version"] == manifest.model_version and info["n_items"] == manifest.n_items
                 assert info["dims"]["embed_dim"] == manifest.dims.embed_dim
                 assert info["index"]["type"] == "flat" and info["providers"] == ["CPUExecutionProvider"]
+                assert info["faiss_device"] == "auto" and info["index"]["device"] == "cpu"  # faiss-cpu: no GPU
                 assert info["parameters"]["served"] > 0 and info["intra_op_threads"] == 1
                 ready = (await client.get("/readyz")).json()
                 assert ready["ready"] and ready["checks"]["encoder"]["ok"] and ready["checks"]["redis"]["ok"]
@@ -745,3 +746,15 @@ def test_service_recovers_by_itself_when_redis_comes_back(bundle_dir: Path, refe
         await proxy.down()
 
     run(scenario())
+
+
+def test_faiss_device_is_chosen_at_start_and_cuda_is_refused_without_a_gpu() -> None:
+    """auto falls back to the CPU (this FAISS build sees no GPU); insisting on CUDA is one clear error."""
+    from karma.errors import KarmaError
+    from service.engine import select_faiss_device
+
+    for index_type in ("flat", "hnsw", "ivfpq"):
+        assert select_faiss_device("auto", index_type) == "cpu"
+        assert select_faiss_device("cpu", index_type) == "cpu"
+    with pytest.raises(KarmaError, match=r"serve\.faiss_device=cuda, but this FAISS build sees no GPU"):
+        select_faiss_device("cuda", "flat")
