@@ -137,12 +137,12 @@ def _quality_table(study: StudyConfig, presets: Mapping[str, Any], baselines: Ma
     for name, b in baselines.items():
         m = b["metrics"]["all"]
         lines.append(
-            _row([baseline_label(name, b), "1", *(_num(m.get(k)) for k in METRIC_KEYS), _num(b["seconds"], 0)])
+            _row([baseline_label(name, b), "1", *(_num(m.get(k)) for k in METRIC_KEYS), "—"])
         )
     lines += ["", "Baselines use the same users, targets, exclusions and tie rule; their protocol lines:", ""]
     for name, b in baselines.items():
-        extra = f" (SASRec settings: {b['settings']})" if name == "sasrec" else ""
-        lines.append(f"- {baseline_label(name, b)}: {b['protocol']}{extra}")
+        extra = f"; SASRec settings: {b['settings']}" if name == "sasrec" else ""
+        lines.append(f"- {baseline_label(name, b)} ({b['seconds']:.0f} s wall{extra}): {b['protocol']}")
     return [*lines, ""]
 
 
