@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 
 from karma.bundle import ITEM_ENCODER_FILE, QUERY_ENCODER_FILE, Bundle, load_bundle
-from karma.featurize import query_encoder_feeds
 
 
 def graph_signature(path: Path) -> dict[str, Any]:
@@ -45,9 +44,7 @@ def _request_feeds(bundle: Bundle, rng: np.random.Generator, history: int) -> di
     title_field = manifest.item_text_fields[0] if manifest.item_text_fields else None
     text = str(bundle.items[title_field].iloc[int(rng.integers(manifest.n_items))]) if title_field else ""
     items = rng.integers(0, manifest.n_items, history)
-    return query_encoder_feeds(
-        bundle.tokenizer, bundle.item_features, [text], [items], manifest.max_query_tokens, manifest.max_history
-    )
+    return bundle.query_feeds([text], [items])
 
 
 def time_interleaved(a: Bundle, b: Bundle, requests: int, history: int, seed: int = 0) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -248,6 +249,21 @@ class Bundle:
 
     def path(self, name: str) -> Path:
         return self.directory / name
+
+    @property
+    def query_takes_buckets(self) -> bool:
+        """Whether the query encoder reads hashed item-ID buckets (a model trained with model.id_embedding)."""
+        return QUERY_BUCKETS_INPUT in {i.name for i in self.manifest.onnx.query_encoder.inputs}
+
+    def query_feeds(self, queries: Sequence[str], histories: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """The query encoder's inputs for (query text, item-row history) requests, built as training built them."""
+        from karma.featurize import query_encoder_feeds
+
+        m = self.manifest
+        buckets = self.item_id_buckets if self.query_takes_buckets else None
+        return query_encoder_feeds(
+            self.tokenizer, self.item_features, queries, histories, m.max_query_tokens, m.max_history, buckets
+        )
 
     def open_sessions(
         self,

@@ -188,7 +188,6 @@ def _demo_export_and_search(checkpoint: Path, bundle_dir: Path, dataset, split) 
 
     from export.bundle_writer import export_checkpoint
     from karma.bundle import load_bundle
-    from karma.featurize import query_encoder_feeds
 
     result = export_checkpoint(checkpoint, bundle_dir, force=True)
     parity = result.manifest.parity["query"]["max_abs_diff"]
@@ -198,15 +197,7 @@ def _demo_export_and_search(checkpoint: Path, bundle_dir: Path, dataset, split) 
     position = int(split.test_pos[0])
     history = split.seq_items[split.user_offsets[split.seq_users[position]] : position]
     query = dataset.interactions.query[split.seq_events[position]] if dataset.interactions.query is not None else ""
-    feeds = query_encoder_feeds(
-        bundle.tokenizer,
-        bundle.item_features,
-        [query or ""],
-        [history],
-        bundle.manifest.max_query_tokens,
-        bundle.manifest.max_history,
-    )
-    h = sessions.encode_query(feeds)
+    h = sessions.encode_query(bundle.query_feeds([query or ""], [history]))
     scores, rows = bundle.index.search(np.ascontiguousarray(h, dtype=np.float32), 5)
     titles = bundle.items.iloc[rows[0]]
     target = dataset.catalog.item_ids[split.seq_items[position]]

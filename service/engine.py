@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from karma.bundle import QUERY_BUCKETS_INPUT, Bundle, EncoderSessions, load_bundle
+from karma.bundle import Bundle, EncoderSessions, load_bundle
 from karma.errors import KarmaError
 from karma.featurize import query_encoder_feeds
 
@@ -107,8 +107,7 @@ class Engine:
             self.titles = [None if t is None else str(t) for t in bundle.items["title"].tolist()]
         self._features = np.ascontiguousarray(bundle.item_features, dtype=np.float32)
         self._buckets = bundle.item_id_buckets
-        inputs = {i.name for i in self.manifest.onnx.query_encoder.inputs}
-        self._needs_buckets = QUERY_BUCKETS_INPUT in inputs
+        self._needs_buckets = bundle.query_takes_buckets
         self.index_device = "cpu"  # "cuda" once `load` has moved the index to the GPU
         self._gpu_resources: Any = None
         if self._needs_buckets and self._buckets is None:

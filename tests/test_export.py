@@ -308,3 +308,34 @@ def test_compare_fails_when_the_served_architecture_differs(exported: dict, tmp_
     result = CliRunner().invoke(app, ["compare", str(exported["karma"]["bundle"]), str(narrow), "--requests", "5"])
     assert result.exit_code == 1
     assert "served graphs DIFFER" in result.output and "initializers differ" in result.output
+
+
+def test_hashed_id_model_exports_compares_and_serves_with_its_buckets(tmp_path: Path) -> None:
+    """A model trained with hashed item-ID embeddings: its query graph takes hist_buckets, and every
+    consumer of a bundle (parity, `karma compare`, the service engine) feeds them."""
+    from export.compare import compare_bundles
+    from service.engine import Engine
+
+    torch.set_num_threads(1)
+    config = load_config(
+        overrides=[
+            *tiny_train_overrides(tmp_path),
+            "features.hashed_id_buckets=64",
+            "model.id_embedding=true",
+            "train.run_name=ids",
+        ],
+        environ={},
+    )
+    train(config, progress=False, evaluate_at_end=False)
+    bundle_dir = tmp_path / "bundle-ids"
+    result = export_checkpoint(run_dir(config) / CHECKPOINT_DIR, bundle_dir)
+    assert result.manifest.parity["passed"]
+    bundle = load_bundle(bundle_dir)
+    assert bundle.query_takes_buckets and bundle.item_id_buckets is not None
+    feeds = bundle.query_feeds(["red dress"], [np.array([3, 1, 4])])
+    np.testing.assert_array_equal(feeds["hist_buckets"][0, -3:], bundle.item_id_buckets[[3, 1, 4]])
+    report = compare_bundles(bundle_dir, bundle_dir, requests=10)
+    assert report["identical_served_graphs"] and report["latency"]["requests"] == 10
+    engine = Engine.load(bundle_dir, ["CPUExecutionProvider"], intra_op_threads=1)
+    h = engine.sessions.encode_query(engine.feeds(["red dress"], [np.array([3, 1, 4])]))
+    np.testing.assert_allclose(h, bundle.open_sessions().encode_query(feeds), atol=1e-6)
