@@ -272,7 +272,10 @@ def execute_baseline(
     ev = config.eval
     targets = eval_targets(split, "test", ev.exclude_history, ev.max_users)
     sasrec_cfg = SASRecConfig(**{"seed": seed, **sasrec})
-    users, items = baseline_embeddings(name, dataset, split, config, targets, sasrec_cfg, progress=progress)
+    from training.setup import pick_device
+
+    device = pick_device(config.train.device)  # SASRec trains where the study's runs do
+    users, items = baseline_embeddings(name, dataset, split, config, targets, sasrec_cfg, device, progress)
     ranks = _ranks(users, items, targets, config)
     save_ranks(out_dir / f"{name}_{RANKS_FILE}", ranks, targets, dataset.catalog.cold)
     protocol = protocol_text(
