@@ -443,13 +443,19 @@ def study(
     report_dir: Annotated[
         Path | None, typer.Option("--report-dir", help="Report folder (default: the study's, docs/results/NAME).")
     ] = None,
+    rediagnose_runs: Annotated[
+        bool,
+        typer.Option(
+            "--rediagnose", help="Recompute finished runs' diagnostics with the current code, then only report."
+        ),
+    ] = False,
 ) -> None:
     """Ablation study: every preset x seed on the same backbone, data and budget, plus baselines; one report.
 
     Finished runs are reused and an interrupted run resumes, so the command can be re-run at any time.
     `--set` overrides apply to every run (and are printed in the report).
     """
-    from training.study import load_study, run_study
+    from training.study import load_study, rediagnose, run_study
 
     _setup(None, [])
     spec = load_study(config)
@@ -462,7 +468,11 @@ def study(
     options += f" --artifacts {artifacts}" if artifacts else ""
     options += f" --report-dir {report_dir}" if report_dir else ""
     command = f"karma study --config {config}{options}"
-    results = run_study(spec, extra, report_only=report_only, max_runs=max_runs, command=command)
+    if rediagnose_runs:
+        typer.echo(f"re-diagnosed {len(rediagnose(spec, extra))} finished run(s)")
+    results = run_study(
+        spec, extra, report_only=report_only or rediagnose_runs, max_runs=max_runs, command=command
+    )
     status = results["status"]
     typer.echo(
         f"study {spec.name}: {status['finished']}/{status['planned']} runs finished; "

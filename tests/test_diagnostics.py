@@ -26,6 +26,7 @@ from training.diagnostics import (
     attention_pass,
     category_jaccard_at_k,
     diagnose_setup,
+    mean_pairwise_cosine,
     normalized_entropy,
     participation_ratio,
     random_item_jaccard,
@@ -123,6 +124,17 @@ def test_participation_ratio_bounds() -> None:
     assert math.isnan(participation_ratio(torch.zeros(1, 8)))
 
 
+def test_mean_pairwise_cosine_one_for_identical_users_zero_for_random() -> None:
+    gen = torch.Generator().manual_seed(0)
+    same = torch.randn(1, 16, generator=gen).expand(50, 16) * torch.rand(50, 1, generator=gen)
+    assert mean_pairwise_cosine(same) == pytest.approx(1.0)
+    assert abs(mean_pairwise_cosine(torch.randn(2000, 64, generator=gen))) < 0.01
+    h = torch.nn.functional.normalize(torch.randn(7, 5, generator=gen), dim=1)
+    pairs = [float(h[i] @ h[j]) for i in range(7) for j in range(7) if i != j]
+    assert mean_pairwise_cosine(h) == pytest.approx(np.mean(pairs))
+    assert math.isnan(mean_pairwise_cosine(torch.ones(1, 4)))
+
+
 def test_category_jaccard_and_random_reference() -> None:
     # categories: 0 = {a}, 1 = {a, b}, 2 = {b}, 3 = {} ; target item 0 ({a})
     multi_hot = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]], dtype=torch.bool)
@@ -187,6 +199,7 @@ def test_diagnostics_are_finite_and_in_range(runs: dict[str, Path]) -> None:
         assert all(math.isfinite(v) for v in summary.values()), summary
         dim = info.config.model.embed_dim
         assert 1.0 - 1e-6 <= summary["effective_rank"] <= dim + 1e-6
+        assert -1.0 / 47 - 1e-6 <= summary["h_mean_cosine"] <= 1.0 + 1e-6
         assert 0.0 <= summary["recon_token_accuracy"] <= 1.0 and summary["recon_loss"] > 0
         assert 0.0 <= summary[f"category_jaccard@{JACCARD_K}"] <= 1.0
         assert d.recon_trained == (preset == "karma")

@@ -12,7 +12,7 @@ import pytest
 from karma.errors import ConfigError, KarmaError
 from tests.conftest import KARMA_BIN, REPO
 from training.evaluation.metrics import metrics_from_ranks
-from training.study import build_report, load_study, run_study
+from training.study import build_report, load_study, rediagnose, run_study
 from training.study.aggregate import hr_curve, paired_deltas, spread
 from training.study.runs import RANKS_FILE, RUN_RESULT, execute_run, same_signature, signature
 
@@ -100,6 +100,19 @@ def test_finished_runs_are_reused_and_other_configs_refused(smoke) -> None:
     assert partial["status"]["missing"] == ["action-only-s2"]
     assert "still to run: action-only-s2" in (study.report_path / "RESULTS.md").read_text()
     build_report(study, figures=False)  # leave the module's report as it was
+
+
+def test_rediagnose_refreshes_finished_runs_without_training(smoke) -> None:
+    study, _ = smoke
+    run = study.artifacts_dir / "runs" / "recon-s0"
+    result = json.loads((run / RUN_RESULT).read_text())
+    del result["diagnostics"]["summary"]["h_mean_cosine"]  # as if made before that metric existed
+    (run / RUN_RESULT).write_text(json.dumps(result))
+    checkpoint = (run / "checkpoint" / "model.safetensors").stat().st_mtime_ns
+    assert rediagnose(study) == ["warmup-only-s0", "action-only-s0", "action-only-s1", "recon-s0"]
+    refreshed = json.loads((run / RUN_RESULT).read_text())["diagnostics"]["summary"]
+    assert -1.0 <= refreshed["h_mean_cosine"] <= 1.0
+    assert (run / "checkpoint" / "model.safetensors").stat().st_mtime_ns == checkpoint
 
 
 def test_aggregation_helpers() -> None:

@@ -46,6 +46,10 @@ Representation and semantics:
 * `effective_rank`: participation ratio (Σλ)² / Σλ² of the eigenvalues λ of the covariance of the
   (U, D) matrix of `h_t` (centred over users, divided by U − 1). Range [1, min(D, U − 1)]; D = all
   directions used equally. `effective_rank_ratio` = effective_rank / D.
+* `h_mean_cosine`: mean over pairs of distinct users of cos(h_u, h_v) = (|Σ_u h_u|² − U) / (U(U − 1))
+  for unit h. Range [−1/(U − 1), 1]; 1 = every user gets the same h_t (the tower ignores its input
+  and ranks everyone alike, e.g. by popularity); reference 0 (random directions). Effective rank
+  measures the spread *around* the mean; this one measures how much of h_t the mean is.
 * `recon_token_accuracy`, `recon_loss`: decode the target item's text from the single soft prefix
   token `proj(h_t)` (`model.heads.recon_prefix`, then `model.decode_text_loss`, teacher-forced):
   next-token argmax accuracy and cross-entropy (nats/token) over the text tokens and EOS, pooled over
@@ -102,6 +106,7 @@ METRIC_LABELS = {
     "rows_first_token_mass": "all-rows mass on first token",
     "effective_rank": "effective rank of h_t (PR)",
     "effective_rank_ratio": "effective rank / D",
+    "h_mean_cosine": "mean cosine between users' h_t",
     "recon_token_accuracy": "L_recon token accuracy",
     "recon_loss": "L_recon cross-entropy (nats/token)",
     f"category_jaccard@{JACCARD_K}": f"category Jaccard@{JACCARD_K}",
@@ -200,6 +205,16 @@ def uniform_causal_attention(valid: Tensor) -> Tensor:
     causal = torch.ones(s, s, dtype=torch.bool, device=valid.device).tril()
     allowed = (causal[None] & valid[:, None, :]).to(torch.float32)
     return (allowed / allowed.sum(dim=-1, keepdim=True).clamp(min=1.0)).unsqueeze(1)
+
+
+def mean_pairwise_cosine(h: Tensor | np.ndarray) -> float:
+    """Mean cos(h_u, h_v) over pairs u != v of the rows of `h` (normalised here); NaN for fewer than 2 rows."""
+    x = torch.as_tensor(np.asarray(h) if not isinstance(h, Tensor) else h).to(torch.float64)
+    if x.dim() != 2 or x.shape[0] < 2:
+        return math.nan
+    x = torch.nn.functional.normalize(x, dim=1)
+    n = x.shape[0]
+    return float((x.sum(dim=0).square().sum() - (x * x).sum()) / (n * (n - 1)))
 
 
 def participation_ratio(x: Tensor | np.ndarray) -> float:
@@ -570,10 +585,15 @@ def diagnose_setup(
 
     dim = h.shape[1]
     pr = participation_ratio(h)
-    scalars: dict[str, float] = {"effective_rank": pr, "effective_rank_ratio": pr / dim}
+    scalars: dict[str, float] = {
+        "effective_rank": pr,
+        "effective_rank_ratio": pr / dim,
+        "h_mean_cosine": mean_pairwise_cosine(h),
+    }
     references: dict[str, float] = {
         "effective_rank": float(min(dim, max(1, targets.n_users - 1))),
         "effective_rank_ratio": float(min(dim, max(1, targets.n_users - 1))) / dim,
+        "h_mean_cosine": 0.0,
     }
     notes: list[str] = []
     recon_trained = setup.model.weights.recon > 0

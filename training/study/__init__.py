@@ -31,13 +31,14 @@ from training.study.runs import (
     RUN_RESULT,
     execute_baseline,
     execute_run,
+    refresh_diagnostics,
     same_signature,
     signature,
     write_json,
 )
 from training.trainer import run_dir
 
-__all__ = ["StudyConfig", "build_report", "load_study", "run_study"]
+__all__ = ["StudyConfig", "build_report", "load_study", "rediagnose", "run_study"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,20 @@ def run_study(
             if "sasrec" in study.baselines:
                 execute_baseline("sasrec", base, baseline_dir, study.sasrec, study.seeds[0], progress)
     return build_report(study, extra, command, figures=figures)
+
+
+def rediagnose(study: StudyConfig, extra: Sequence[str] = ()) -> list[str]:
+    """Recompute the diagnostics of every finished run (warm-up reference included) with the current
+    code, e.g. after a metric was added; nothing is retrained. Returns the runs it refreshed."""
+    configs = [study.reference_config(extra)] if study.warmup_reference else []
+    configs += [study.run_config(preset, seed, extra) for preset, seed in study.plan()]
+    done = []
+    for config in configs:
+        if _finished(run_dir(config), config):
+            log.info("study %s: re-diagnosing %s", study.name, config.train.run_name)
+            refresh_diagnostics(config, study.diagnose_users)
+            done.append(config.train.run_name)
+    return done
 
 
 def _command(study: StudyConfig, extra: Sequence[str]) -> str:

@@ -40,6 +40,7 @@ DIAG_ROWS = (
     "row_consistency · last layer",
     "emb_entropy · last layer",
     "effective_rank",
+    "h_mean_cosine",
     "recon_token_accuracy",
     "category_jaccard@50",
 )
@@ -136,9 +137,7 @@ def _quality_table(study: StudyConfig, presets: Mapping[str, Any], baselines: Ma
         )
     for name, b in baselines.items():
         m = b["metrics"]["all"]
-        lines.append(
-            _row([baseline_label(name, b), "1", *(_num(m.get(k)) for k in METRIC_KEYS), "—"])
-        )
+        lines.append(_row([baseline_label(name, b), "1", *(_num(m.get(k)) for k in METRIC_KEYS), "—"]))
     lines += ["", "Baselines use the same users, targets, exclusions and tie rule; their protocol lines:", ""]
     for name, b in baselines.items():
         extra = f"; SASRec settings: {b['settings']}" if name == "sasrec" else ""

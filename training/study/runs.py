@@ -150,7 +150,6 @@ def _ranks(users: torch.Tensor, items: torch.Tensor, targets: Any, cfg: KarmaCon
 def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress: bool = True) -> dict[str, Any]:
     """Train (or resume, or reuse) one run and return its `study_run.json` payload."""
     from training.checkpoint import read_checkpoint_info
-    from training.diagnostics import diagnose_setup
     from training.plots import plot_training_curves
     from training.setup import build_setup
     from training.trainer import CHECKPOINT_DIR, METRICS_LOG, run_dir, train
@@ -186,9 +185,7 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
     eval_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    diagnostics = diagnose_setup(setup, checkpoint, n_users=diagnose_users)
-    diagnostics.name = config.train.run_name
-    write_json(run / DIAGNOSTICS_FILE, diagnostics.to_json())
+    diagnostics = _diagnose(setup, checkpoint, diagnose_users)
     diagnose_seconds = time.perf_counter() - t0
     served_parameters = sum(p.numel() for p in setup.model.query_tower.parameters()) + sum(
         p.numel() for p in setup.model.item_tower.parameters()
@@ -207,7 +204,7 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
         "trained_step": info.state.get("step"),
         "protocol": protocol,
         "metrics": metrics,
-        "diagnostics": {"summary": diagnostics.summary(), "reference": diagnostics.reference_summary()},
+        "diagnostics": diagnostics,
         "parameters": {"served": served_parameters, "train_only": all_parameters - served_parameters},
         "seconds": {
             "train": sum(w["train_seconds"] for w in walls),
@@ -226,6 +223,30 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
     }
     write_json(done, result)
     return result
+
+
+def _diagnose(setup: Any, checkpoint: Path, n_users: int) -> dict[str, Any]:
+    """Collapse diagnostics of a run: the full JSON (maps included) beside it, the summary returned."""
+    from training.diagnostics import diagnose_setup
+
+    diagnostics = diagnose_setup(setup, checkpoint, n_users=n_users)
+    diagnostics.name = setup.config.train.run_name
+    write_json(checkpoint.parent / DIAGNOSTICS_FILE, diagnostics.to_json())
+    return {"summary": diagnostics.summary(), "reference": diagnostics.reference_summary()}
+
+
+def refresh_diagnostics(config: KarmaConfig, diagnose_users: int) -> None:
+    """Recompute a finished run's diagnostics with the current code (new metrics), without retraining."""
+    from training.setup import build_setup
+    from training.trainer import CHECKPOINT_DIR, run_dir
+
+    run = run_dir(config)
+    result = json.loads((run / RUN_RESULT).read_text())
+    setup = build_setup(config, checkpoint=run / CHECKPOINT_DIR, progress=False)
+    t0 = time.perf_counter()
+    result["diagnostics"] = _diagnose(setup, run / CHECKPOINT_DIR, diagnose_users)
+    result["seconds"]["diagnose"] = time.perf_counter() - t0
+    write_json(run / RUN_RESULT, result)
 
 
 def _cpu_per_step(walls: list[dict[str, Any]]) -> float | None:
