@@ -107,6 +107,56 @@ def _item_embeddings(path: Path, features: np.ndarray, buckets: np.ndarray | Non
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, dim), np.float32)
 
 
+def _write_variant(
+    staging: Path, setup: Any, variant: Any, keep: Sequence[str], criterion: dict[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Replace the staged fp32 encoders by `variant`; for int8, try each weight range in turn.
+
+    int8 keeps the first weight range whose graphs meet the parity floor on this machine (see
+    `export.optimize.quantize_graph` for why neither range is right for every model and CPU); if
+    none does, the last one's files stay and the caller's parity check refuses the bundle.
+    Returns (file name -> variant details, one record per weight range tried).
+    """
+    from export.optimize import INT8_WEIGHT_RANGES, variant_files
+    from export.parity import check_parity
+
+    names = [QUERY_ENCODER_FILE, ITEM_ENCODER_FILE]
+    if not variant.quantized:
+        return variant_files(staging, names, variant, keep), []
+    fp32 = {name: staging / f"{name}.fp32" for name in names}
+    for name in names:
+        shutil.copyfile(staging / name, fp32[name])
+    attempts: list[dict[str, Any]] = []
+    try:
+        for weight_range in INT8_WEIGHT_RANGES:
+            for name in names:
+                shutil.copyfile(fp32[name], staging / name)
+            details = variant_files(staging, names, variant, keep, weight_range)
+            parity = check_parity(
+                staging,
+                setup,
+                batch_sizes=criterion.get("batch_sizes", (1, 3, 8)),
+                min_cosine=criterion.get("min_cosine"),
+                random_query_min_cosine=criterion.get("random_query_min_cosine"),
+            )
+            attempts.append(
+                {
+                    "weight_range": weight_range,
+                    "passed": bool(parity["passed"]),
+                    "min_cosine_real": parity["query"]["min_cosine_real"],
+                    "min_cosine_random": parity["query"]["min_cosine_random"],
+                    "min_cosine_items": parity["item"]["min_cosine"],
+                }
+            )
+            log.info("int8 with %s weights: %s", weight_range, attempts[-1])
+            if parity["passed"]:
+                break
+    finally:
+        for path in fp32.values():
+            path.unlink(missing_ok=True)
+    return details, attempts
+
+
 def export_checkpoint(
     checkpoint: Path,
     out_dir: Path,
@@ -134,7 +184,7 @@ def export_checkpoint(
     from export.cost import served_cost
     from export.index import build_index, default_params, write_index
     from export.onnx_export import build_served_towers, export_encoders, graph_structure
-    from export.optimize import INT8_KEEP_FP32, parity_criterion, variant_files, variant_of
+    from export.optimize import INT8_KEEP_FP32, parity_criterion, variant_of
     from export.parity import check_parity
     from training.setup import build_setup
 
@@ -162,13 +212,18 @@ def export_checkpoint(
         opset, q_spec, i_spec = export_encoders(
             towers, staging, features.matrix, setup.backbone.tokenizer.vocab_size, exporter, opset
         )
+        attempts: list[dict[str, Any]] = []
         if variant.optimized or variant.quantized:
             keep = INT8_KEEP_FP32 if int8_keep_fp32 is None else tuple(int8_keep_fp32)
-            details = variant_files(staging, [QUERY_ENCODER_FILE, ITEM_ENCODER_FILE], variant, keep)
+            details, attempts = _write_variant(staging, setup, variant, keep, criterion)
             q_detail, i_detail = details[QUERY_ENCODER_FILE], details[ITEM_ENCODER_FILE]
             quantization = None
             if variant.quantized:
-                quantization = {"query_encoder": q_detail.quantization, "item_encoder": i_detail.quantization}
+                quantization = {
+                    "query_encoder": q_detail.quantization,
+                    "item_encoder": i_detail.quantization,
+                    "weight_range_attempts": attempts,
+                }
             variant = q_detail.model_copy(update={"quantization": quantization})
             q_spec = q_spec.model_copy(update=graph_structure(staging / QUERY_ENCODER_FILE))
             i_spec = i_spec.model_copy(update=graph_structure(staging / ITEM_ENCODER_FILE))
@@ -194,12 +249,16 @@ def export_checkpoint(
         )
         parity["variant"] = variant.name
         if not parity["passed"] and "min_cosine" in criterion:
-            q, i = parity["query"], parity["item"]
+            tried = "; ".join(
+                f"{a['weight_range']} weights: real queries {a['min_cosine_real']:.4f}, items "
+                f"{a['min_cosine_items']:.4f}, random queries {a['min_cosine_random']:.4f}"
+                for a in attempts
+            )
             raise KarmaError(
                 f"export of {checkpoint}: the {variant.name} encoders' outputs fall below their cosine floor vs "
-                f"PyTorch: real queries {q['min_cosine_real']:.4f} and items {i['min_cosine']:.4f} (need >= "
-                f"{criterion['min_cosine']}), random queries {q['min_cosine_random']:.4f} (need >= "
-                f"{criterion['random_query_min_cosine']}); bundle not written (export without --quantize)"
+                f"PyTorch (need >= {criterion['min_cosine']}, random queries >= "
+                f"{criterion['random_query_min_cosine']}) with every int8 weight range ({tried}); "
+                "bundle not written (export without --quantize)"
             )
         if not parity["passed"]:
             worst = max(parity["query"]["max_abs_diff"], parity["item"]["max_abs_diff"])

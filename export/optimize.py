@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 QUANTIZE_CHOICES = ("int8",)
 OPTIMIZATION_LEVEL = "extended"
 QUANT_OP_TYPES = ("MatMul",)  # Gemm is rewritten to MatMul + Add first (no dynamic Gemm kernel in ORT)
-REDUCE_RANGE = True  # 7-bit weights: no u8*s8 saturation on CPUs without VNNI (see quantize_graph)
+# int8 weight ranges tried at export, in order, until one meets the parity floor (see quantize_graph):
+# 7-bit first (no u8*s8 saturation on CPUs without VNNI), then the full 8 bits (finer steps).
+INT8_WEIGHT_RANGES = ("7-bit", "8-bit")
 # MatMuls left in fp32 by default: the decoder MLP down-projections, whose inputs carry the LLM's
 # activation outliers. Measured on SmolLM2-135M (4 layers): with them int8 the worst test user's h has
 # cosine 0.961 with PyTorch (mean 0.984); kept fp32, 0.998 at batch 1 and 8 (mean 0.9995).
@@ -243,15 +245,20 @@ def quantize_graph(
     per_channel: bool = True,
     preprocess: bool = True,
     keep_fp32: Sequence[str] = INT8_KEEP_FP32,
+    weight_range: str = INT8_WEIGHT_RANGES[0],
 ) -> dict[str, Any]:
     """Dynamic int8 quantisation of `src` (weights int8, activations uint8 at run time) into `dst`.
 
-    MatMuls matching `keep_fp32` (see `matmuls_matching`) stay fp32. Weights use 7 of their 8 bits
-    (`reduce_range`): on CPUs without VNNI (AVX2 only), ONNX Runtime's u8·s8 kernels add pairs of
-    products in 16 bits, which saturate with full-range weights. A bundle is exported once and
-    served on whatever CPU runs it, so it must be accurate on both kinds. Tiny model, AVX2-only EPYC:
-    min cosine vs PyTorch 0.979 with full-range weights, 0.9997 with 7 bits.
+    MatMuls matching `keep_fp32` (see `matmuls_matching`) stay fp32. `weight_range`: "7-bit"
+    (`reduce_range`) or "8-bit". On CPUs without VNNI (AVX2 only), ONNX Runtime's u8·s8 kernels add
+    pairs of products in 16 bits, which can saturate with 8-bit weights; 7 bits cannot saturate but
+    halve the weight resolution. Neither wins everywhere (AVX2-only EPYC, min cosine vs PyTorch):
+    the tiny test model 0.979 with 8 bits (saturation) vs 0.9997 with 7; SmolLM2 (4 layers) on
+    random-token queries 0.996 with 8 bits vs 0.942 with 7. `export_checkpoint` tries both.
     """
+    if weight_range not in INT8_WEIGHT_RANGES:
+        raise KarmaError(f"int8 weight_range must be one of {INT8_WEIGHT_RANGES}, got {weight_range!r}")
+    reduce_range = weight_range == "7-bit"
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -275,7 +282,7 @@ def quantize_graph(
             str(dst),
             op_types_to_quantize=list(QUANT_OP_TYPES),
             per_channel=per_channel,
-            reduce_range=REDUCE_RANGE,
+            reduce_range=reduce_range,
             weight_type=QuantType.QInt8,
             nodes_to_exclude=excluded,
             extra_options={"MatMulConstBOnly": True},
@@ -287,8 +294,8 @@ def quantize_graph(
         raise KarmaError(f"int8 quantisation of {src} quantised nothing (no MatMul with a weight)")
     return {
         "method": "onnxruntime.quantization.quantize_dynamic",
-        "weight_type": "int8 (symmetric, 7-bit range)" if REDUCE_RANGE else "int8 (symmetric)",
-        "reduce_range": REDUCE_RANGE,
+        "weight_type": f"int8 (symmetric, {weight_range} range)",
+        "weight_range": weight_range,
         "activation_type": "uint8 (dynamic, per tensor, at run time)",
         "per_channel": per_channel,
         "op_types": list(QUANT_OP_TYPES),
@@ -306,7 +313,13 @@ def quantize_graph(
 # ---- a variant ------------------------------------------------------------------------------------
 
 
-def make_variant(src: Path, dst: Path, variant: OnnxVariant, keep_fp32: Sequence[str] = INT8_KEEP_FP32) -> OnnxVariant:
+def make_variant(
+    src: Path,
+    dst: Path,
+    variant: OnnxVariant,
+    keep_fp32: Sequence[str] = INT8_KEEP_FP32,
+    weight_range: str = INT8_WEIGHT_RANGES[0],
+) -> OnnxVariant:
     """Write the `variant` of the fp32 graph `src` to `dst`; returns the variant with its details.
 
     optimized+int8 = quantise the fp32 graph, then optimise the quantised one (so the offline file
@@ -324,7 +337,7 @@ def make_variant(src: Path, dst: Path, variant: OnnxVariant, keep_fp32: Sequence
         current = src
         if variant.quantized:
             target = dst if not variant.optimized else Path(tmp) / "int8.onnx"
-            details["quantization"] = quantize_graph(current, target, keep_fp32=keep_fp32)
+            details["quantization"] = quantize_graph(current, target, keep_fp32=keep_fp32, weight_range=weight_range)
             current = target
         if variant.optimized:
             optimize_graph(current, dst, OPTIMIZATION_LEVEL)
@@ -333,7 +346,11 @@ def make_variant(src: Path, dst: Path, variant: OnnxVariant, keep_fp32: Sequence
 
 
 def variant_files(
-    directory: Path, names: list[str], variant: OnnxVariant, keep_fp32: Sequence[str] = INT8_KEEP_FP32
+    directory: Path,
+    names: list[str],
+    variant: OnnxVariant,
+    keep_fp32: Sequence[str] = INT8_KEEP_FP32,
+    weight_range: str = INT8_WEIGHT_RANGES[0],
 ) -> dict[str, OnnxVariant]:
     """Replace each fp32 `directory/name` by its variant, in place; returns name -> variant details."""
     out = {}
@@ -341,7 +358,7 @@ def variant_files(
         path = Path(directory) / name
         tmp = path.with_name(f"{path.stem}.{variant.name}.tmp.onnx")
         try:
-            out[name] = make_variant(path, tmp, variant, keep_fp32)
+            out[name] = make_variant(path, tmp, variant, keep_fp32, weight_range)
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)

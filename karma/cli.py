@@ -337,7 +337,8 @@ def export_bundle(
     if variant.quantization:
         q, i = variant.quantization["query_encoder"], variant.quantization["item_encoder"]
         line += (
-            f"; int8 MatMuls: query {q['quantized_matmuls']}, item {i['quantized_matmuls']}"
+            f"; int8 MatMuls ({q.get('weight_range', '8-bit')} weights): query {q['quantized_matmuls']}, "
+            f"item {i['quantized_matmuls']}"
             f" (fp32 kept: {q['kept_fp32_matmuls']} matching {q['kept_fp32_patterns']})"
         )
     typer.echo(line)

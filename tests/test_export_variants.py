@@ -62,6 +62,11 @@ def test_int8_bundle_loads_and_its_manifest_says_int8(bundles: dict) -> None:
     assert q["quantized_matmuls"] > 0 and q["kept_fp32_patterns"] == ["mlp/down_proj"]
     assert q["kept_fp32_matmuls"] == 2  # one MLP down-projection per decoder layer (tiny: 2 layers)
     assert variant.quantization["item_encoder"]["gemm_rewritten_to_matmul"] == 3  # nn.Linear on 2-D -> Gemm
+    # The weight range shipped is the first tried that met the floor; every try is on record.
+    attempts = variant.quantization["weight_range_attempts"]
+    assert [a["weight_range"] for a in attempts] == list(optimize.INT8_WEIGHT_RANGES[: len(attempts)])
+    assert attempts[-1]["passed"] and not any(a["passed"] for a in attempts[:-1])
+    assert q["weight_range"] == attempts[-1]["weight_range"]
     parity = bundle.manifest.parity
     assert parity["passed"] and parity["criterion"] == {
         "metric": "min_cosine",
@@ -111,7 +116,7 @@ def test_int8_h_and_item_vectors_have_cosine_at_least_0_99_with_pytorch(bundles:
 
 def test_a_variant_below_its_parity_floor_is_refused(bundles: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(optimize, "INT8_MIN_COSINE", 0.9999999)
-    with pytest.raises(KarmaError, match=r"int8 encoders' outputs fall below their cosine floor .*not written"):
+    with pytest.raises(KarmaError, match=r"int8 encoders' outputs fall below .*7-bit weights.*8-bit weights.*not wr"):
         export_checkpoint(bundles["checkpoint"], tmp_path / "refused", quantize="int8")
     assert not (tmp_path / "refused").exists()
     assert not list(tmp_path.iterdir())  # no staging folder left behind
