@@ -9,7 +9,10 @@ exactly as `karma export --index ...` builds them, with the parameters given her
 Per index and search setting: build seconds (train + add), serialized size (what the bundle ships
 and the service holds in memory), recall@k of the top-k against the exact top-k (the flat index;
 |approx ∩ exact| / k, averaged over queries), and per-query latency at batch 1 (p50/p99 over
-`latency_queries` single-query searches). FAISS runs with the threads it is given (1 under
+`latency_queries` single-query searches). A setting with `rerank` R searches R x k candidates and
+re-scores them with the exact vectors (`karma.search.search_top_k`, what the service does with
+`serve.rerank_factor`); the exact vectors are the bundle's item embeddings, which the service holds
+anyway, so re-ranking adds no memory. FAISS runs with the threads it is given (1 under
 OMP_NUM_THREADS=1).
 """
 
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from bench.stats import percentiles
+from karma.search import search_top_k
 
 log = logging.getLogger("karma.bench")
 
@@ -41,10 +45,12 @@ def default_cases(n: int) -> list[IndexCase]:
     """flat; HNSW (M=16, efConstruction=80: a 1M build stays ~minutes on one core); IVF-PQ with
     ~4 dims per sub-quantizer, nlist ~ sqrt(n) (capped at 1024 to keep k-means training short)."""
     nlist = int(min(1024, max(16, 2 ** round(np.log2(np.sqrt(n))))))
+    hnsw_search = [{"ef_search": 256}, {"ef_search": 512}, {"ef_search": 256, "rerank": 4}]
+    ivfpq_search = [{"nprobe": 16}, {"nprobe": 64}, {"nprobe": 16, "rerank": 4}, {"nprobe": 64, "rerank": 4}]
     return [
         IndexCase("flat"),
-        IndexCase("hnsw", {"m": 16, "ef_construction": 80, "ef_search": 256}, [{"ef_search": 256}, {"ef_search": 512}]),
-        IndexCase("ivfpq", {"nlist": nlist, "nbits": 8, "nprobe": 16}, [{"nprobe": 16}, {"nprobe": 64}]),
+        IndexCase("hnsw", {"m": 16, "ef_construction": 80, "ef_search": 256}, hnsw_search),
+        IndexCase("ivfpq", {"nlist": nlist, "nbits": 8, "nprobe": 16}, ivfpq_search),
     ]
 
 
@@ -68,11 +74,11 @@ def _set_search(index: Any, setting: dict[str, int]) -> None:
         faiss_index.hnsw.efSearch = int(setting["ef_search"])
 
 
-def _latency(index: Any, queries: np.ndarray, k: int) -> dict[str, float]:
+def _latency(index: Any, vectors: np.ndarray, queries: np.ndarray, k: int, rerank: int) -> dict[str, float]:
     times = []
     for i in range(len(queries)):
         started = time.perf_counter()
-        index.search(queries[i : i + 1], k)
+        search_top_k(index, vectors, queries[i : i + 1], k, rerank)
         times.append((time.perf_counter() - started) * 1000)
     return percentiles(times)
 
@@ -116,7 +122,8 @@ def bench_size(
             _, exact_ids = index.search(queries[:recall_queries], k)
         for setting in case.search:
             _set_search(index, setting)
-            _, found = index.search(queries[:recall_queries], k)
+            rerank = int(setting.get("rerank", 1))  # exact re-scoring of rerank x k candidates (the service's)
+            _, found = search_top_k(index, x, queries[:recall_queries], k, rerank)
             assert exact_ids is not None, "the flat (exact) case must come first"
             rows.append(
                 {
@@ -129,7 +136,7 @@ def bench_size(
                     "bytes": size,
                     "bytes_per_vector": size / n,
                     f"recall@{k}": recall_at_k(found, exact_ids),
-                    "latency_ms": _latency(index, queries[:latency_queries], k),
+                    "latency_ms": _latency(index, x, queries[:latency_queries], k, rerank),
                     "k": k,
                     "recall_queries": recall_queries,
                     "latency_queries": latency_queries,

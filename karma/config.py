@@ -262,6 +262,15 @@ class ServeConfig(StrictModel):
     intra_op_threads: int = Field(
         1, ge=1, le=256, description="ONNX Runtime intra-op threads (explicit; never ORT's all-cores default)."
     )
+    rerank_factor: int = Field(
+        4,
+        ge=1,
+        le=100,
+        description=(
+            "With an approximate index (IVF-PQ, HNSW): fetch this many x k candidates and re-score them with the "
+            "exact item embeddings (1 = the index's own order). The flat index is exact and never re-ranks."
+        ),
+    )
     max_batch_size: int = Field(32, ge=1, le=4096, description="Most requests encoded and searched in one batch.")
     max_batch_wait_ms: float = Field(
         2.0,

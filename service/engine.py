@@ -19,6 +19,7 @@ import numpy as np
 from karma.bundle import Bundle, EncoderSessions, load_bundle
 from karma.errors import KarmaError
 from karma.featurize import query_encoder_feeds
+from karma.search import search_top_k
 
 log = logging.getLogger("karma.service")
 
@@ -57,6 +58,7 @@ def select_providers(choice: str) -> list[str]:
 
 
 GPU_INDEX_TYPES = ("flat", "ivfpq")  # FAISS has GPU versions of these; HNSW is CPU-only
+APPROXIMATE_INDEX_TYPES = ("hnsw", "ivfpq")  # re-ranked with exact embeddings (serve.rerank_factor)
 
 
 def select_faiss_device(choice: str, index_type: str) -> str:
@@ -109,17 +111,25 @@ class Engine:
         self._buckets = bundle.item_id_buckets
         self._needs_buckets = bundle.query_takes_buckets
         self.index_device = "cpu"  # "cuda" once `load` has moved the index to the GPU
+        self._embeddings = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
+        self.rerank_factor = 1  # `load` sets serve.rerank_factor for approximate indexes
         self._gpu_resources: Any = None
         if self._needs_buckets and self._buckets is None:
             raise KarmaError(f"bundle {bundle.directory}: the query encoder needs hist_buckets but there are none")
 
     @classmethod
     def load(
-        cls, directory: Path | str, providers: list[str], intra_op_threads: int, faiss_device: str = "cpu"
+        cls,
+        directory: Path | str,
+        providers: list[str],
+        intra_op_threads: int,
+        faiss_device: str = "cpu",
+        rerank_factor: int = 1,
     ) -> Engine:
         bundle = load_bundle(directory, check_graphs=False)  # open_sessions checks the graphs' I/O
         sessions = bundle.open_sessions(providers, intra_op_threads=intra_op_threads, inter_op_threads=1)
         engine = cls(bundle, sessions)
+        engine.rerank_factor = rerank_factor if bundle.manifest.index.type in APPROXIMATE_INDEX_TYPES else 1
         engine.index_device = select_faiss_device(faiss_device, bundle.manifest.index.type)
         if engine.index_device == "cuda":
             bundle.index, engine._gpu_resources = index_to_gpu(bundle.index)
@@ -133,6 +143,7 @@ class Engine:
         intra_op_threads: int,
         warm_batch: int,
         faiss_device: str = "cpu",
+        rerank_factor: int = 1,
     ) -> Engine:
         """Load, validate, probe and warm a bundle, ready to serve (start-up and hot reload; blocking).
 
@@ -142,7 +153,7 @@ class Engine:
         """
         stage = "load"
         try:
-            engine = cls.load(directory, providers, intra_op_threads, faiss_device)
+            engine = cls.load(directory, providers, intra_op_threads, faiss_device, rerank_factor)
             stage = "probe inference"
             engine.probe()
             stage = "warm-up batch"
@@ -194,7 +205,7 @@ class Engine:
         h = self.sessions.encode_query(feeds)
         encoded = time.perf_counter()
         k_search = min(self.n_items, max(j.k + len(j.exclude) for j in jobs))
-        scores, rows = self.bundle.index.search(np.ascontiguousarray(h, dtype=np.float32), k_search)
+        scores, rows = search_top_k(self.bundle.index, self._embeddings, h, k_search, self.rerank_factor)
         results = []
         for i, job in enumerate(jobs):
             keep = rows[i] >= 0  # FAISS pads with -1 when it finds fewer than asked

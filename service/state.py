@@ -106,6 +106,7 @@ class ServiceState:
             self.config.intra_op_threads,
             self.config.max_batch_size,
             self.config.faiss_device,
+            self.config.rerank_factor,
         )
 
     def _install(self, engine: Engine, directory: Path) -> None:
@@ -275,6 +276,7 @@ class ServiceState:
                         "params": m.index.params,
                         "ntotal": int(engine.bundle.index.ntotal),
                         "device": engine.index_device,
+                        "rerank_factor": engine.rerank_factor,
                     },
                     "parameters": {**m.served_parameters, "served": engine.parameters},
                     "flops_per_request": engine.flops_per_request,

@@ -124,11 +124,18 @@ def test_index_bench_flat_is_exact_and_approximate_indexes_are_measured() -> Non
     cases = [
         IndexCase("flat"),
         IndexCase("hnsw", {"m": 8, "ef_construction": 40}, [{"ef_search": 64}]),
-        IndexCase("ivfpq", {"nlist": 16, "m": 4, "nbits": 6}, [{"nprobe": 1}, {"nprobe": 16}]),
+        IndexCase(
+            "ivfpq", {"nlist": 16, "m": 4, "nbits": 6}, [{"nprobe": 1}, {"nprobe": 16}, {"nprobe": 16, "rerank": 4}]
+        ),
     ]
     rows = bench_size(2000, 16, cases, k=50, recall_queries=50, latency_queries=10, clusters=20)
-    by = {(r["index"], r["params"].get("nprobe")): r for r in rows}
-    assert len(rows) == 4 and by[("flat", None)]["recall@50"] == 1.0
+    by = {(r["index"], r["params"].get("nprobe"), r["params"].get("rerank")): r for r in rows}
+    by = {(kind, nprobe): r for (kind, nprobe, rerank), r in by.items() if rerank is None} | {
+        ("ivfpq+rerank", 16): by[("ivfpq", 16, 4)]
+    }
+    assert len(rows) == 5 and by[("flat", None)]["recall@50"] == 1.0
+    # Exact re-scoring of 4 x 50 candidates recovers what the PQ codes misorder.
+    assert by[("ivfpq", 16)]["recall@50"] < by[("ivfpq+rerank", 16)]["recall@50"] <= 1.0
     assert by[("flat", None)]["bytes"] >= 2000 * 16 * 4 > by[("ivfpq", 16)]["bytes"]
     assert 0 < by[("ivfpq", 1)]["recall@50"] < by[("ivfpq", 16)]["recall@50"] < 1.0  # PQ codes are lossy
     assert 0.5 < by[("hnsw", None)]["recall@50"] <= 1.0

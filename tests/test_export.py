@@ -339,3 +339,45 @@ def test_hashed_id_model_exports_compares_and_serves_with_its_buckets(tmp_path: 
     engine = Engine.load(bundle_dir, ["CPUExecutionProvider"], intra_op_threads=1)
     h = engine.sessions.encode_query(engine.feeds(["red dress"], [np.array([3, 1, 4])]))
     np.testing.assert_allclose(h, bundle.open_sessions().encode_query(feeds), atol=1e-6)
+
+
+def test_search_top_k_reranks_approximate_candidates_exactly() -> None:
+    """IVF-PQ's own order vs re-scored with the exact vectors: the re-ranked top-k is the exact top-k
+    of its candidates, and recall against the flat index goes up."""
+    from karma.search import search_top_k
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:40] + 0.1 * rng.standard_normal((40, 16)).astype(np.float32)
+    _, exact_rows = exact_top_k(x, q, 20)
+    ivfpq, _ = build_index(x, "ivfpq", {"nlist": 16, "m": 4, "nbits": 4, "nprobe": 16})
+    _, approx_rows = search_top_k(ivfpq, x, q, 20, rerank_factor=1)
+    scores, rows = search_top_k(ivfpq, x, q, 20, rerank_factor=5)
+    np.testing.assert_allclose(scores, np.einsum("bkd,bd->bk", x[rows], q), rtol=1e-5, atol=1e-6)
+    assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
+
+    def recall(found: np.ndarray) -> float:
+        return float(np.mean([len(np.intersect1d(f, e)) / 20 for f, e in zip(found, exact_rows, strict=True)]))
+
+    # Coarse PQ codes (4 x 4 bits) misorder most neighbours; more candidates, re-scored, recover them.
+    wide = search_top_k(ivfpq, x, q, 20, rerank_factor=20)[1]
+    assert 2 * recall(approx_rows) < recall(rows) < recall(wide) and recall(wide) > 0.95
+    flat, _ = build_index(x, "flat", {})
+    np.testing.assert_array_equal(search_top_k(flat, x, q, 20)[1], exact_rows)
+
+
+def test_engine_reranks_an_approximate_index_and_never_a_flat_one(exported: dict) -> None:
+    """serve.rerank_factor: the HNSW bundle's results carry exact scores h·e; the flat bundle is left alone."""
+    from service.engine import Engine, Job
+
+    hnsw = Engine.load(exported["action-only"]["bundle"], ["CPUExecutionProvider"], 1, rerank_factor=4)
+    flat = Engine.load(exported["karma"]["bundle"], ["CPUExecutionProvider"], 1, rerank_factor=4)
+    assert (hnsw.manifest.index.type, hnsw.rerank_factor) == ("hnsw", 4)
+    assert (flat.manifest.index.type, flat.rerank_factor) == ("flat", 1)
+    history, none = np.array([5, 9, 11]), np.zeros(0, dtype=np.int64)
+    [result] = hnsw.run_batch([Job("blue shirt", history, 10, none)])
+    h = hnsw.sessions.encode_query(hnsw.feeds(["blue shirt"], [history]))[0]
+    embeddings = hnsw.bundle.item_embeddings
+    np.testing.assert_allclose(result.scores, embeddings[result.rows] @ h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(result.rows, exact_top_k(embeddings, h[None], 10)[1][0])
