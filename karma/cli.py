@@ -450,6 +450,18 @@ def study(
             "--rediagnose", help="Recompute finished runs' diagnostics with the current code, then only report."
         ),
     ] = False,
+    runs: Annotated[
+        str | None,
+        typer.Option("--runs", help="Train only these runs (comma-separated, e.g. karma-s2,gen-s0,sasrec)."),
+    ] = None,
+    adopt: Annotated[
+        Path | None,
+        typer.Option(
+            "--adopt",
+            help="First write back the finished runs recorded in this results.json (same configuration only) "
+            "when their artifacts are gone, so only the missing runs train.",
+        ),
+    ] = None,
 ) -> None:
     """Ablation study: every preset x seed on the same backbone, data and budget, plus baselines; one report.
 
@@ -469,10 +481,19 @@ def study(
     options += f" --artifacts {artifacts}" if artifacts else ""
     options += f" --report-dir {report_dir}" if report_dir else ""
     command = f"karma study --config {config}{options}"
+    if adopt is not None:
+        from training.study.adopt import adopt_results
+
+        outcome = adopt_results(spec, adopt, extra)
+        typer.echo(
+            f"adopted {len(outcome['adopted'])} run(s) from {adopt}; {len(outcome['kept'])} already here"
+            + "".join(f"\n  refused {why}" for why in outcome["refused"])
+        )
     if rediagnose_runs:
         typer.echo(f"re-diagnosed {len(rediagnose(spec, extra))} finished run(s)")
+    only = [name.strip() for name in runs.split(",") if name.strip()] if runs else None
     results = run_study(
-        spec, extra, report_only=report_only or rediagnose_runs, max_runs=max_runs, command=command
+        spec, extra, report_only=report_only or rediagnose_runs, max_runs=max_runs, command=command, only=only
     )
     status = results["status"]
     typer.echo(

@@ -123,6 +123,7 @@ def test_aggregation_helpers() -> None:
         "values": [0.1, 0.3],
     }
     assert spread([0.5])["std"] is None and spread([])["mean"] is None
+
     def run(seed: int, hr: float) -> dict:
         return {"seed": seed, "metrics": {"all": {"HR@200": hr}}}
 
@@ -156,3 +157,37 @@ def test_study_file_errors_name_the_problem(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         f"error: study file {tmp_path / 'missing.yaml'}: not found"
     ]
+
+
+def test_adopt_writes_back_recorded_runs_and_refuses_other_configs(smoke, tmp_path: Path) -> None:
+    """A fresh artifacts folder plus the published results.json: nothing retrains, the numbers are the same."""
+    from training.study.adopt import adopt_results
+
+    study, results = smoke
+    published = study.report_path / "results.json"
+    fresh = study.model_copy(update={"artifacts": tmp_path / "artifacts", "report_dir": tmp_path / "report"})
+    outcome = adopt_results(fresh, published)
+    assert sorted(outcome["adopted"]) == sorted(
+        [*results["runs"], "warmup-only-s0", "baseline popular", "baseline content", "baseline sasrec"]
+    )
+    assert outcome["refused"] == [] and adopt_results(fresh, published)["kept"] == outcome["adopted"]
+    again = run_study(fresh, progress=False, figures=False, only=["sasrec"])  # everything is there: no training
+    assert (
+        again["status"]["missing"] == [] and not (tmp_path / "artifacts" / "runs" / "recon-s0" / "checkpoint").exists()
+    )
+    for name, run in again["runs"].items():
+        assert run["metrics"] == results["runs"][name]["metrics"] and run["adopted"]["from"] == str(published)
+    report = (fresh.report_path / "RESULTS.md").read_text()
+    assert "**Adopted runs:** warmup-only-s0" not in report and "action-only-s0 (adopted)" in report
+    assert rediagnose(fresh) == []  # adopted runs have no checkpoint to re-diagnose
+    # Another configuration (a smaller embedding) adopts nothing; an unknown --runs name is refused by name.
+    changed = [*fresh.overrides, "model.embed_dim=16"]
+    other = fresh.model_copy(update={"overrides": changed, "artifacts": tmp_path / "b"})
+    refused = adopt_results(other, published)
+    assert refused["adopted"] == [] and all("model.embed_dim: 32 -> 16" in r for r in refused["refused"])
+    with pytest.raises(KarmaError, match="--runs: karma-s9 not in study smoke"):
+        run_study(fresh, only=["karma-s9"], progress=False)
+    wrong = tmp_path / "other.json"
+    wrong.write_text(json.dumps({"study": {"name": "ml-1m"}}))
+    with pytest.raises(KarmaError, match="holds study 'ml-1m', not 'smoke'"):
+        adopt_results(fresh, wrong)

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from karma.errors import KarmaError
 from training.study.aggregate import paired_deltas, preset_table
 from training.study.config import REFERENCE_PRESET, StudyConfig, load_study
 from training.study.figures import CURVES_FIGURE, HR_FIGURE, plot_diagnostics, plot_hr_at_k, plot_training_curves
@@ -36,7 +37,7 @@ from training.study.runs import (
     signature,
     write_json,
 )
-from training.trainer import run_dir
+from training.trainer import CHECKPOINT_DIR, run_dir
 
 __all__ = ["StudyConfig", "build_report", "load_study", "rediagnose", "run_study"]
 
@@ -57,22 +58,36 @@ def run_study(
     progress: bool = True,
     command: str | None = None,
     figures: bool = True,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run what is missing (at most `max_runs` new runs), regenerating the report after each run.
+
+    `only` restricts training to the named runs (e.g. `karma-s2`, `warmup-only-s0`, `sasrec`), so
+    two processes can share one study's plan on two cores; the report still covers every run.
 
     Figures are redrawn after a run only when it took over `REDRAW_AFTER_S` (drawing them costs
     seconds, a real run minutes), and always at the end unless `figures` is False.
     """
     command = command or _command(study, extra)
+    if only is not None:
+        known = {study.run_name(p, s) for p, s in study.plan()} | {study.reference_run_name, *study.baselines}
+        unknown = sorted(set(only) - known)
+        if unknown:
+            raise KarmaError(
+                f"--runs: {', '.join(unknown)} not in study {study.name} (runs: {', '.join(sorted(known))})"
+            )
+    wanted = (lambda name: True) if only is None else set(only).__contains__
     if not report_only:
         base = study.run_config(REFERENCE_PRESET, study.seeds[0], extra)
         baseline_dir = study.artifacts_dir / "baselines"
         for name in [b for b in study.baselines if b != "sasrec"]:  # seconds: before any training
             execute_baseline(name, base, baseline_dir, study.sasrec, study.seeds[0], progress)
-        if study.warmup_reference:  # minutes: the "before" picture of the diagnostics
+        if study.warmup_reference and wanted(
+            study.reference_run_name
+        ):  # minutes: the "before" picture of the diagnostics
             log.info("study %s: warm-up reference run %s", study.name, study.reference_run_name)
             execute_run(study.reference_config(extra), study.diagnose_users, export=False, progress=progress)
-        plan = study.plan()
+        plan = [(p, s) for p, s in study.plan() if wanted(study.run_name(p, s))]
         fresh = 0
         for i, (preset, seed) in enumerate(plan, start=1):
             config = study.run_config(preset, seed, extra)
@@ -86,7 +101,7 @@ def run_study(
             execute_run(config, study.diagnose_users, study.export, progress)
             build_report(study, extra, command, figures=time.perf_counter() - started > REDRAW_AFTER_S)
         else:
-            if "sasrec" in study.baselines:
+            if "sasrec" in study.baselines and wanted("sasrec"):
                 execute_baseline("sasrec", base, baseline_dir, study.sasrec, study.seeds[0], progress)
     return build_report(study, extra, command, figures=figures)
 
@@ -99,6 +114,9 @@ def rediagnose(study: StudyConfig, extra: Sequence[str] = ()) -> list[str]:
     done = []
     for config in configs:
         if _finished(run_dir(config), config):
+            if not (run_dir(config) / CHECKPOINT_DIR).exists():  # adopted from a report: numbers only
+                log.info("study %s: %s has no checkpoint here (adopted); kept", study.name, config.train.run_name)
+                continue
             log.info("study %s: re-diagnosing %s", study.name, config.train.run_name)
             refresh_diagnostics(config, study.diagnose_users)
             done.append(config.train.run_name)
@@ -165,11 +183,10 @@ def build_report(
     base = study.run_config(REFERENCE_PRESET, study.seeds[0], extra)
     reference = _load_reference(study, extra)
     protocol = next(iter(runs.values()))["protocol"] if runs else next(iter(baselines.values()), {}).get("protocol", "")
-    if figures:
-        drawn = _draw_figures(study, runs, folders, baselines, protocol, reference)
-    else:
-        previous = out_dir / RESULTS_JSON
-        drawn = json.loads(previous.read_text()).get("figures", {}) if previous.exists() else {}
+    previous = out_dir / RESULTS_JSON
+    drawn = json.loads(previous.read_text()).get("figures", {}) if previous.exists() else {}
+    if figures:  # a figure with nothing on disk to draw from (adopted runs only) keeps its last PNG
+        drawn.update(_draw_figures(study, runs, folders, baselines, protocol, reference))
     results = {
         "study": study.model_dump(mode="json"),
         "command": command or _command(study, extra),
@@ -225,6 +242,8 @@ def _draw_figures(
         for name, b in baselines.items()
     ]
     for label, path in sources:
+        if not path.exists():  # an adopted run: its numbers are in the table, its ranks are not here
+            continue
         data = np.load(path)
         model_ranks.setdefault(label, []).append(data["ranks"])
         if "cold" in data:
@@ -232,12 +251,17 @@ def _draw_figures(
     if model_ranks:
         plot_hr_at_k(model_ranks, cold_masks or None, study.hr_curve_max_k, out_dir / HR_FIGURE, protocol)
         drawn[HR_FIGURE] = {"models": list(model_ranks)}
-    first = {
-        p: study.run_name(p, study.seeds[0]) for p in study.presets if study.run_name(p, study.seeds[0]) in folders
-    }
+    first = {}  # per preset, its first seed whose artifacts are here (adopted runs have none)
+    for p in study.presets:
+        names = [study.run_name(p, s) for s in study.seeds_of(p)]
+        here = [n for n in names if n in folders and (folders[n] / DIAGNOSTICS_FILE).exists()]
+        if here:
+            first[p] = here[0]
     logs = {p: folders[name] / METRICS_LOG for p, name in first.items()}
     if logs and plot_training_curves(logs, out_dir / CURVES_FIGURE):
         drawn[CURVES_FIGURE] = {"runs": list(first.values())}
+    if reference and not (reference[1] / DIAGNOSTICS_FILE).exists():
+        reference = None
     diagnosed = ([reference[1]] if reference else []) + [folders[name] for name in first.values()]
     diagnostics = [ModelDiagnostics.from_json(json.loads((f / DIAGNOSTICS_FILE).read_text())) for f in diagnosed]
     if reference:

@@ -85,6 +85,16 @@ def render(study: StudyConfig, results: Mapping[str, Any]) -> str:
         f"**Status:** {status['finished']} of {status['planned']} runs finished"
         + (f"; still to run: {', '.join(status['missing'])}." if status["missing"] else ".")
     )
+    adopted = adopted_runs(results)
+    if adopted:
+        sources = sorted({f"{r['adopted']['from']} ({r['adopted']['generated']})" for r in _adopted(results)})
+        lines += [
+            "",
+            f"**Adopted runs:** {', '.join(adopted)} were trained, evaluated and diagnosed by an earlier invocation "
+            f"of the same command on the same configuration (signature checked) and adopted from {'; '.join(sources)} "
+            "with `karma study --adopt` after their artifacts were lost: their numbers are in every table, but the "
+            "figures draw only from runs whose ranks, logs and attention maps are on disk.",
+        ]
     lines += ["", "## Setup", ""]
     setup = results["setup"]
     others = ", ".join(p for p in study.presets if p not in study.headline) or "no other preset"
@@ -302,7 +312,13 @@ def _per_run_table(runs: Mapping[str, Any]) -> list[str]:
                       "evaluate s", "diagnose s", "export s", "threads"])  # fmt: skip
     for name, r in runs.items():
         m, s = r["metrics"]["all"], r["seconds"]
-        cells = [name, _num(m["HR@10"]), _num(m["HR@200"]), _num(m["NDCG@10"]), _num(s["train_wall"], 0)]
+        cells = [
+            f"{name} (adopted)" if r.get("adopted") else name,
+            _num(m["HR@10"]),
+            _num(m["HR@200"]),
+            _num(m["NDCG@10"]),
+            _num(s["train_wall"], 0),
+        ]
         cells += [str(s.get("invocations", 1)), _num(s.get("train_cpu_per_step"), 2), _num(s["evaluate"], 0)]
         lines.append(_row([*cells, _num(s["diagnose"], 0), _num(s["export"], 0), str(r.get("threads", ""))]))
     lines += [
@@ -313,3 +329,13 @@ def _per_run_table(runs: Mapping[str, Any]) -> list[str]:
         "",
     ]
     return lines
+
+
+def _adopted(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    records = [*results.get("runs", {}).values(), results.get("warmup_reference") or {}]
+    return [r for r in records if r.get("adopted")]
+
+
+def adopted_runs(results: Mapping[str, Any]) -> list[str]:
+    """Names of the runs (warm-up reference included) in a results payload adopted, not trained here."""
+    return [r.get("run", "?") for r in _adopted(results)]
