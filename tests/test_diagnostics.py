@@ -31,6 +31,7 @@ from training.diagnostics import (
     participation_ratio,
     random_item_jaccard,
     row_consistency,
+    shared_h_hit_rates,
     top_column_mass,
     top_k_items,
     uniform_causal_attention,
@@ -202,6 +203,7 @@ def test_diagnostics_are_finite_and_in_range(runs: dict[str, Path]) -> None:
         assert -1.0 / 47 - 1e-6 <= summary["h_mean_cosine"] <= 1.0 + 1e-6
         assert 0.0 <= summary["recon_token_accuracy"] <= 1.0 and summary["recon_loss"] > 0
         assert 0.0 <= summary[f"category_jaccard@{JACCARD_K}"] <= 1.0
+        assert 0.0 <= summary["hr@200_own_h"] <= 1.0 and 0.0 <= summary["hr@200_shared_h"] <= 1.0
         assert d.recon_trained == (preset == "karma")
         assert any("head untrained" in n for n in d.notes) == (preset == "action-only")
         assert len(d.maps) == 2 and all(len(m.layers) == info.config.model.tiny_layers for m in d.maps)
@@ -257,3 +259,27 @@ def test_cli_writes_json_and_pngs_and_compares_side_by_side(runs: dict[str, Path
     wide = matplotlib.image.imread(out / MAPS_PLOT)
     narrow = matplotlib.image.imread(default_out / MAPS_PLOT)
     assert wide.shape[1] > 1.5 * narrow.shape[1]
+
+
+def test_shared_h_hit_rates_separate_personal_from_global_rankings() -> None:
+    """Each user's h = its target's embedding: own HR@1 = 1; one shared h can hit at most one target."""
+    from training.evaluation.protocol import EvalTargets
+
+    items = torch.nn.functional.normalize(torch.eye(6)[:, :4] + 0.01, dim=-1)  # 6 items, 4 distinct directions
+    target_items = np.array([0, 1, 2, 3])
+    targets = EvalTargets(
+        which="test",
+        positions=np.arange(4),
+        users=np.arange(4),
+        items=target_items,
+        history_start=np.zeros(4, dtype=np.int64),
+        history_end=np.arange(4),
+        exclude_offsets=None,
+        exclude_items=None,
+        exclude_history=False,
+        max_history=20,
+    )
+    own, shared = shared_h_hit_rates(items[target_items], items, targets, k=1)
+    assert own == 1.0 and shared <= 0.25
+    same = items[[0, 0, 0, 0]]
+    assert shared_h_hit_rates(same, items, targets, k=1) == (0.25, 0.25)  # a shared h: no gap at all

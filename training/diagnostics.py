@@ -50,6 +50,10 @@ Representation and semantics:
   for unit h. Range [−1/(U − 1), 1]; 1 = every user gets the same h_t (the tower ignores its input
   and ranks everyone alike, e.g. by popularity); reference 0 (random directions). Effective rank
   measures the spread *around* the mean; this one measures how much of h_t the mean is.
+* `hr@200_own_h`, `hr@200_shared_h`: HR@200 of the diagnosed users with their own `h_t`, and with
+  every one of them given the same vector (the normalised mean of their `h_t`), under the protocol's
+  exclusions. Equal numbers: the ranking owes nothing to the user (a global, popularity-like order);
+  the gap is what personalisation adds. No reference (both are measured).
 * `recon_token_accuracy`, `recon_loss`: decode the target item's text from the single soft prefix
   token `proj(h_t)` (`model.heads.recon_prefix`, then `model.decode_text_loss`, teacher-forced):
   next-token argmax accuracy and cross-entropy (nats/token) over the text tokens and EOS, pooled over
@@ -89,6 +93,7 @@ from training.setup import Setup, embed_items, to_device
 log = logging.getLogger(__name__)
 
 JACCARD_K = 50
+PERSONAL_K = 200  # K of the own-h vs shared-h hit rates (the paper's headline K)
 ATTENTION_METRICS = (
     "emb_top_column_mass",
     "rows_top_column_mass",
@@ -110,6 +115,8 @@ METRIC_LABELS = {
     "recon_token_accuracy": "L_recon token accuracy",
     "recon_loss": "L_recon cross-entropy (nats/token)",
     f"category_jaccard@{JACCARD_K}": f"category Jaccard@{JACCARD_K}",
+    f"hr@{PERSONAL_K}_own_h": f"HR@{PERSONAL_K} of the diagnosed users, own h_t",
+    f"hr@{PERSONAL_K}_shared_h": f"HR@{PERSONAL_K} of the same users, all given the mean h_t",
 }
 UNTRAINED_RECON = "head untrained (preset has no L_recon)"
 JSON_FILE = "diagnostics.json"
@@ -505,6 +512,23 @@ def top_k_items(users: Tensor, items: Tensor, targets: EvalTargets, k: int, batc
     return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.long)
 
 
+def shared_h_hit_rates(h: Tensor, items: Tensor, targets: EvalTargets, k: int) -> tuple[float, float]:
+    """(HR@k of each user's own h_t, HR@k when every user is given the users' mean direction instead).
+
+    Same users, targets and exclusions; equal numbers mean the ranking owes nothing to the user.
+    """
+    from training.evaluation.metrics import rank_targets
+
+    if len(h) == 0:
+        return math.nan, math.nan
+    shared = torch.nn.functional.normalize(h.float().mean(dim=0, keepdim=True), dim=-1).expand_as(h)
+    rates = []
+    for users in (h.float(), shared):
+        ranks = rank_targets(users, items.float(), targets.items, targets.exclude_offsets, targets.exclude_items)
+        rates.append(float((ranks < k).float().mean()))
+    return rates[0], rates[1]
+
+
 @torch.inference_mode()
 def recon_fidelity(setup: Setup, h: Tensor, target_items: np.ndarray, batch_size: int = 64) -> tuple[float, float]:
     """(token accuracy, cross-entropy) of decoding each target's text from `proj(h_t)`, token-weighted."""
@@ -595,6 +619,10 @@ def diagnose_setup(
         "effective_rank_ratio": float(min(dim, max(1, targets.n_users - 1))) / dim,
         "h_mean_cosine": 0.0,
     }
+    items = embed_items(setup)
+    own_hr, shared_hr = shared_h_hit_rates(h, items, targets, PERSONAL_K)
+    scalars[f"hr@{PERSONAL_K}_own_h"], scalars[f"hr@{PERSONAL_K}_shared_h"] = own_hr, shared_hr
+    references[f"hr@{PERSONAL_K}_own_h"] = references[f"hr@{PERSONAL_K}_shared_h"] = math.nan
     notes: list[str] = []
     recon_trained = setup.model.weights.recon > 0
     acc, loss = recon_fidelity(setup, h, targets.items)
@@ -612,7 +640,6 @@ def diagnose_setup(
     else:
         multi_hot = torch.from_numpy(categories[0])
         category_field = categories[2]
-        items = embed_items(setup)
         top = top_k_items(h, items, targets, JACCARD_K)
         target_t = torch.from_numpy(targets.items)
         scalars[jac_key] = _nanmean(category_jaccard_at_k(top, target_t, multi_hot))

@@ -41,6 +41,8 @@ DIAG_ROWS = (
     "emb_entropy · last layer",
     "effective_rank",
     "h_mean_cosine",
+    "hr@200_own_h",
+    "hr@200_shared_h",
     "recon_token_accuracy",
     "category_jaccard@50",
 )
