@@ -282,16 +282,23 @@ def _setup_text(config: Any, runs: dict[str, Any], presets: dict[str, Any]) -> d
         f"+ in-batch negatives{', logQ' if loss.logq_correction else ''}, temperature {loss.temperature:g}, "
         f"LM softmax over the {loss.lm_vocab} vocabulary, {t.threads} torch thread(s), device {t.device}"
     )
-    machine = next(iter(runs.values()))["machine"] if runs else {}
-    machine_text = (
+    by_machine: dict[str, list[str]] = {}  # a resumed or adopted study may span machines: say which ran what
+    for name, run in runs.items():
+        by_machine.setdefault(_machine_text(run.get("machine") or {}), []).append(name)
+    if len(by_machine) > 1:
+        machine_text = "; ".join(f"{text} ({', '.join(names)})" for text, names in by_machine.items())
+    else:
+        machine_text = next(iter(by_machine), "(no run yet)")
+    preset_text = "; ".join(f"`{p}` {w[:3]} {w[3]}" for p, w in presets.items())
+    return {"model": model, "machine": machine_text, "presets": preset_text}
+
+
+def _machine_text(machine: dict[str, Any]) -> str:
+    return (
         f"{machine.get('cpu')}, {machine.get('cores')} cores"
         + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU")
         + f", torch {machine.get('torch')}, Python {machine.get('python')}"
-        if machine
-        else "(no run yet)"
     )
-    preset_text = "; ".join(f"`{p}` {w[:3]} {w[3]}" for p, w in presets.items())
-    return {"model": model, "machine": machine_text, "presets": preset_text}
 
 
 def _compare(study: StudyConfig, folders: dict[str, Path]) -> dict[str, Any] | None:
