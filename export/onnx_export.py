@@ -93,7 +93,7 @@ def build_served_towers(checkpoint: Path, config: KarmaConfig, feature_dim: int)
         torch.manual_seed(0)
         decoder = _bare_decoder(checkpoint)
         hidden = int(decoder.config.hidden_size)
-        query = QueryTower(decoder, feature_dim, hidden, m.embed_dim, id_buckets)
+        query = QueryTower(decoder, feature_dim, hidden, m.embed_dim, id_buckets, center_emb=m.center_emb)
         item = ItemTower(feature_dim, m.item_tower_hidden, m.embed_dim, id_buckets)
 
     with safe_open(str(checkpoint / MODEL_FILE), framework="pt") as fh:

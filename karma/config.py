@@ -156,6 +156,14 @@ class ModelConfig(StrictModel):
     id_embedding: bool = Field(
         False, description="Add a hashed-ID embedding to history tokens and items (needs features.hashed_id_buckets)."
     )
+    center_emb: bool = Field(
+        False,
+        description=(
+            "Subtract a running mean of the [EMB] hidden state (over training batches) before the output "
+            "projection. A pretrained LLM's last-token states share one dominant direction, which left h_t "
+            "nearly the same for every user in the CPU study (docs/RESULTS.md); served as a constant."
+        ),
+    )
 
 
 class LossConfig(StrictModel):

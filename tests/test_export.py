@@ -381,3 +381,31 @@ def test_engine_reranks_an_approximate_index_and_never_a_flat_one(exported: dict
     embeddings = hnsw.bundle.item_embeddings
     np.testing.assert_allclose(result.scores, embeddings[result.rows] @ h, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(result.rows, exact_top_k(embeddings, h[None], 10)[1][0])
+
+
+def test_centred_emb_state_is_learned_in_training_and_served_as_a_constant(tmp_path: Path) -> None:
+    """model.center_emb: the running mean of hidden[EMB] moves during training, is saved with the query
+    tower, survives export (parity) and is subtracted at serving time exactly as in PyTorch."""
+    torch.set_num_threads(1)
+    config = load_config(
+        overrides=[*tiny_train_overrides(tmp_path), "model.center_emb=true", "train.run_name=centred"], environ={}
+    )
+    train(config, progress=False, evaluate_at_end=False)
+    checkpoint = run_dir(config) / CHECKPOINT_DIR
+    setup = build_setup(read_checkpoint_info(checkpoint).config, checkpoint=checkpoint, progress=False)
+    tower = setup.model.query_tower
+    steps = config.train.steps
+    assert tower.center_emb and int(tower.emb_center_batches) == steps  # one update per action batch
+    assert float(tower.emb_center.norm()) > 0
+    # The centre is part of h_t: the same hidden state gives another h_t without it.
+    hidden = torch.randn(3, tower.emb_center.shape[0])
+    tower.eval()
+    centred = tower.head(hidden)
+    tower.center_emb = False
+    assert not torch.allclose(centred, tower.head(hidden))
+    tower.center_emb = True
+    assert int(tower.emb_center_batches) == steps  # eval never updates it
+    result = export_checkpoint(checkpoint, tmp_path / "bundle-centred")
+    assert result.manifest.parity["passed"]
+    served = build_served_towers(checkpoint, setup.config, setup.features.layout.dim)
+    torch.testing.assert_close(served.query.emb_center, tower.emb_center)

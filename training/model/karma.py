@@ -80,7 +80,9 @@ class KarmaModel(nn.Module):
         # Set by restrict_lm_vocab (loss.lm_vocab=catalog); None = full-vocabulary softmax.
         self.register_buffer("lm_vocab", None, persistent=False)
         self.register_buffer("lm_vocab_index", None, persistent=False)
-        self.query_tower = QueryTower(backbone.decoder, feature_dim, hidden, m.embed_dim, id_buckets)
+        self.query_tower = QueryTower(
+            backbone.decoder, feature_dim, hidden, m.embed_dim, id_buckets, center_emb=m.center_emb
+        )
         self.item_tower = ItemTower(feature_dim, m.item_tower_hidden, m.embed_dim, id_buckets)
         cond_dim = m.embed_dim if config.loss.img_condition == "h" else hidden
         self.heads = TrainOnlyHeads(

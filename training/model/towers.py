@@ -35,6 +35,9 @@ class ItemProjector(nn.Module):
         return self.net(features)
 
 
+CENTER_RATE = 0.01  # EMA rate of the [EMB] running mean once past the first 100 batches
+
+
 class QueryTower(nn.Module):
     """(query ids, query mask, history features, history mask) -> unit `h_t` (B, D)."""
 
@@ -45,9 +48,14 @@ class QueryTower(nn.Module):
         hidden: int,
         embed_dim: int,
         id_buckets: int = 0,
+        center_emb: bool = False,
     ):
         super().__init__()
         self.decoder = decoder  # HF base model; its embed_tokens embeds the query text
+        self.center_emb = center_emb
+        if center_emb:  # running mean of hidden[EMB]: cumulative for the first 1/CENTER_RATE batches, then EMA
+            self.register_buffer("emb_center", torch.zeros(hidden))
+            self.register_buffer("emb_center_batches", torch.zeros((), dtype=torch.long))
         self.projector = ItemProjector(feature_dim, hidden)
         self.id_embedding = nn.Embedding(id_buckets, hidden) if id_buckets > 0 else None
         self.emb_token = nn.Parameter(torch.randn(hidden) * 0.02)
@@ -85,7 +93,14 @@ class QueryTower(nn.Module):
         return out.last_hidden_state
 
     def head(self, emb_hidden: torch.Tensor) -> torch.Tensor:
-        """hidden[EMB] (B, H) -> h_t (B, D), unit length."""
+        """hidden[EMB] (B, H) -> h_t (B, D), unit length (centred first when `center_emb`)."""
+        if self.center_emb:
+            if self.training:
+                with torch.no_grad():
+                    self.emb_center_batches += 1
+                    rate = max(1.0 / float(self.emb_center_batches), CENTER_RATE)
+                    self.emb_center.lerp_(emb_hidden.detach().float().mean(dim=0), rate)
+            emb_hidden = emb_hidden - self.emb_center.to(emb_hidden.dtype)
         return F.normalize(self.out(emb_hidden).float(), dim=-1)
 
     def forward(
