@@ -30,10 +30,11 @@ from training.study.runs import (
     DIAGNOSTICS_FILE,
     RANKS_FILE,
     RUN_RESULT,
+    baseline_signature,
     execute_baseline,
     execute_run,
+    finished_record,
     refresh_diagnostics,
-    same_signature,
     signature,
     write_json,
 )
@@ -129,8 +130,7 @@ def _command(study: StudyConfig, extra: Sequence[str]) -> str:
 
 
 def _finished(run: Path, config: Any) -> bool:
-    done = run / RUN_RESULT
-    return done.exists() and same_signature(json.loads(done.read_text()).get("signature"), signature(config))
+    return finished_record(run / RUN_RESULT, signature(config)) is not None
 
 
 def _load_runs(study: StudyConfig, extra: Sequence[str]) -> tuple[dict[str, Any], dict[str, Path], list[str]]:
@@ -156,11 +156,8 @@ def _load_baselines(study: StudyConfig, extra: Sequence[str]) -> dict[str, Any]:
     out = {}
     for name in study.baselines:
         path = study.artifacts_dir / "baselines" / f"{name}.json"
-        if path.exists():
-            result = json.loads(path.read_text())
-            extra_keys = {"baseline": name, **(study.sasrec if name == "sasrec" else {})}
-            if same_signature(result.get("signature"), signature(base, extra_keys)):
-                out[name] = result
+        if (result := finished_record(path, baseline_signature(base, name, study.sasrec))) is not None:
+            out[name] = result
     return out
 
 

@@ -19,12 +19,19 @@ from typing import Any
 
 from karma.errors import KarmaError
 from training.study.config import REFERENCE_PRESET, StudyConfig
-from training.study.runs import RUN_RESULT, same_signature, signature, signature_differences, write_json
+from training.study.runs import (
+    ADOPTED_KEY,
+    RUN_RESULT,
+    baseline_signature,
+    finished_record,
+    same_signature,
+    signature,
+    signature_differences,
+    write_json,
+)
 from training.trainer import run_dir
 
 log = logging.getLogger(__name__)
-
-ADOPTED_KEY = "adopted"
 
 
 def adopt_results(study: StudyConfig, source: Path, extra: Sequence[str] = ()) -> dict[str, list[str]]:
@@ -61,7 +68,7 @@ def adopt_results(study: StudyConfig, source: Path, extra: Sequence[str] = ()) -
         if name not in study.baselines:
             outcome["refused"].append(f"baseline {name}: not in this study")
             continue
-        current = signature(base, {"baseline": name, **(study.sasrec if name == "sasrec" else {})})
+        current = baseline_signature(base, name, study.sasrec)
         target = study.artifacts_dir / "baselines" / f"{name}.json"
         _adopt_one(f"baseline {name}", record, current, target, stamp, outcome)
     for key, names in outcome.items():
@@ -78,7 +85,7 @@ def _adopt_one(
     stamp: Mapping[str, Any],
     outcome: dict[str, list[str]],
 ) -> None:
-    if target.exists() and same_signature(json.loads(target.read_text()).get("signature"), current):
+    if finished_record(target, current) is not None:
         outcome["kept"].append(name)
         return
     stored = record.get("signature")

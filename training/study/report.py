@@ -14,6 +14,7 @@ from training.diagnostics import METRIC_LABELS
 from training.study.aggregate import METRIC_KEYS
 from training.study.config import REFERENCE_PRESET, StudyConfig
 from training.study.figures import CURVES_FIGURE, HR_FIGURE, LAYERS_FIGURE, MAPS_FIGURE
+from training.study.runs import ADOPTED_KEY
 
 PAPER = (
     "The paper (KARMA, arXiv 2603.22779, Taobao) reports, against action-only training, +19.19 HR@200 from "
@@ -89,7 +90,8 @@ def render(study: StudyConfig, results: Mapping[str, Any]) -> str:
     )
     adopted = adopted_runs(results)
     if adopted:
-        sources = sorted({f"{r['adopted']['from']} ({r['adopted']['generated']})" for r in _adopted(results)})
+        stamps = [r[ADOPTED_KEY] for r in _adopted(results)]
+        sources = sorted({f"{stamp['from']} ({stamp['generated']})" for stamp in stamps})
         lines += [
             "",
             f"**Adopted runs:** {', '.join(adopted)} were trained, evaluated and diagnosed by an earlier invocation "
@@ -315,7 +317,7 @@ def _per_run_table(runs: Mapping[str, Any]) -> list[str]:
     for name, r in runs.items():
         m, s = r["metrics"]["all"], r["seconds"]
         cells = [
-            f"{name} (adopted)" if r.get("adopted") else name,
+            f"{name} (adopted)" if r.get(ADOPTED_KEY) else name,
             _num(m["HR@10"]),
             _num(m["HR@200"]),
             _num(m["NDCG@10"]),
@@ -335,7 +337,7 @@ def _per_run_table(runs: Mapping[str, Any]) -> list[str]:
 
 def _adopted(results: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     records = [*results.get("runs", {}).values(), results.get("warmup_reference") or {}]
-    return [r for r in records if r.get("adopted")]
+    return [r for r in records if r.get(ADOPTED_KEY)]
 
 
 def adopted_runs(results: Mapping[str, Any]) -> list[str]:

@@ -33,6 +33,7 @@ from training.evaluation.report import segment_metrics
 log = logging.getLogger(__name__)
 
 RUN_RESULT = "study_run.json"
+ADOPTED_KEY = "adopted"  # stamp of a record written back by `karma study --adopt` (numbers only, no artifacts)
 RUN_SIGNATURE = "study_signature.json"
 RUN_WALL_LOG = "study_wall.jsonl"
 RANKS_FILE = "ranks_test.npz"
@@ -76,6 +77,19 @@ def signature_differences(stored: Mapping[str, Any], current: Mapping[str, Any])
 
 def same_signature(stored: Mapping[str, Any] | None, current: Mapping[str, Any]) -> bool:
     return stored is not None and not signature_differences(stored, current)
+
+
+def baseline_signature(config: KarmaConfig, name: str, sasrec: Mapping[str, Any]) -> dict[str, Any]:
+    """Signature of a baseline on the study's data and protocol (SASRec's own settings included)."""
+    return signature(config, {"baseline": name, **(sasrec if name == "sasrec" else {})})
+
+
+def finished_record(path: Path, current: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The result stored at `path` when it exists and was made with the `current` signature, else None."""
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    return result if same_signature(result.get("signature"), current) else None
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -157,10 +171,8 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
     run = run_dir(config)
     current = signature(config)
     done = run / RUN_RESULT
-    if done.exists():
-        result = json.loads(done.read_text())
-        if same_signature(result.get("signature"), current):
-            return result
+    if (result := finished_record(done, current)) is not None:
+        return result
     _claim(run, current)
 
     checkpoint = run / CHECKPOINT_DIR
@@ -280,12 +292,10 @@ def execute_baseline(
     from training.data.registry import load_dataset
     from training.data.split import split_dataset
 
-    current = signature(config, {"baseline": name, **(sasrec if name == "sasrec" else {})})
+    current = baseline_signature(config, name, sasrec)
     done = out_dir / f"{name}.json"
-    if done.exists():
-        result = json.loads(done.read_text())
-        if same_signature(result.get("signature"), current):
-            return result
+    if (result := finished_record(done, current)) is not None:
+        return result
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     dataset = load_dataset(config, progress=progress)
