@@ -88,7 +88,9 @@ def build_served_towers(checkpoint: Path, config: KarmaConfig, feature_dim: int)
     """Fresh towers filled from `query_tower.*` / `item_tower.*` tensors; train-only heads never built."""
     checkpoint = Path(checkpoint)
     m = config.model
-    id_buckets = config.features.hashed_id_buckets if m.id_embedding else 0
+    with safe_open(str(checkpoint / MODEL_FILE), framework="pt") as fh:  # the ID table's size, if trained with one
+        id_key = "item_tower.id_embedding.weight"
+        id_buckets = int(fh.get_slice(id_key).get_shape()[0]) if id_key in set(fh.keys()) else 0
     with torch.random.fork_rng():
         torch.manual_seed(0)
         decoder = _bare_decoder(checkpoint)

@@ -252,7 +252,7 @@ class Bundle:
 
     @property
     def query_takes_buckets(self) -> bool:
-        """Whether the query encoder reads hashed item-ID buckets (a model trained with model.id_embedding)."""
+        """Whether the query encoder reads item-ID rows (a model trained with model.id_embedding)."""
         return QUERY_BUCKETS_INPUT in {i.name for i in self.manifest.onnx.query_encoder.inputs}
 
     def query_feeds(self, queries: Sequence[str], histories: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

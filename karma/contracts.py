@@ -23,13 +23,16 @@ class FeatureBlock:
 class FeatureLayout:
     """Ordered blocks concatenated into each item's `F`-wide float32 content feature.
 
-    `id_buckets > 0` means an int64 hashed-ID bucket travels beside the float features (it feeds
-    a trained embedding table, so it is not part of `F`).
+    `id_buckets > 0` means an int64 item-ID row travels beside the float features (it feeds a
+    trained embedding table, so it is not part of `F`). `id_scheme` says how rows are assigned:
+    `exact` (row = catalog index + 1; row 0 = "no ID", for cold items and items added later) or
+    `hashed` (blake2b of the item id, `id_hash_seed` salted).
     """
 
     blocks: tuple[FeatureBlock, ...]
     id_buckets: int = 0
     id_hash_seed: int = 0
+    id_scheme: str = "hashed"
 
     @property
     def dim(self) -> int:
@@ -50,6 +53,7 @@ class FeatureLayout:
             "dim": self.dim,
             "id_buckets": self.id_buckets,
             "id_hash_seed": self.id_hash_seed,
+            "id_scheme": self.id_scheme,
         }
 
     @classmethod
@@ -58,6 +62,7 @@ class FeatureLayout:
             blocks=tuple(FeatureBlock(name=b["name"], dim=int(b["dim"])) for b in data["blocks"]),
             id_buckets=int(data.get("id_buckets", 0)),
             id_hash_seed=int(data.get("id_hash_seed", 0)),
+            id_scheme=str(data.get("id_scheme", "hashed")),
         )
         if "dim" in data and int(data["dim"]) != layout.dim:
             raise ValueError(f"feature layout says dim {data['dim']} but its blocks add up to {layout.dim}")

@@ -220,9 +220,12 @@ def test_new_items_through_item_encoder_onnx_match_the_pytorch_item_tower(export
     rng = np.random.default_rng(3)
     matrix = bundle.item_features
     new = (rng.standard_normal((37, matrix.shape[1])) * matrix.std(0) + matrix.mean(0)).astype(np.float32)
+    # A new item has no trained ID: the exact scheme's 'no ID' row 0, so it is scored from content alone.
+    buckets = np.zeros(len(new), dtype=np.int64) if bundle.item_id_buckets is not None else None
     with torch.inference_mode():
-        reference = setup.model.eval().item_tower(torch.from_numpy(new)).numpy()
-    np.testing.assert_allclose(sessions.encode_items(new), reference, atol=1e-5, rtol=0)
+        tower = setup.model.eval().item_tower
+        reference = tower(torch.from_numpy(new), None if buckets is None else torch.from_numpy(buckets)).numpy()
+    np.testing.assert_allclose(sessions.encode_items(new, buckets), reference, atol=1e-5, rtol=0)
     # The shipped catalog embeddings are the same function of the shipped features.
     np.testing.assert_allclose(bundle.item_embeddings, embed_items(setup).numpy(), atol=1e-5, rtol=0)
     assert np.allclose(np.linalg.norm(bundle.item_embeddings, axis=1), 1.0, atol=1e-5)
@@ -320,8 +323,8 @@ def test_hashed_id_model_exports_compares_and_serves_with_its_buckets(tmp_path: 
     config = load_config(
         overrides=[
             *tiny_train_overrides(tmp_path),
+            "features.item_ids=hashed",
             "features.hashed_id_buckets=64",
-            "model.id_embedding=true",
             "train.run_name=ids",
         ],
         environ={},

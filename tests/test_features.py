@@ -164,7 +164,12 @@ def test_hashed_ids_are_stable_and_in_range() -> None:
 def test_build_item_features_layout_and_slices(tmp_path: Path) -> None:
     catalog = small_catalog()
     config = config_for(
-        tmp_path, "features.text_encoder=hashing", "features.hashing_dim=16", "features.hashed_id_buckets=50", "seed=7"
+        tmp_path,
+        "features.text_encoder=hashing",
+        "features.hashing_dim=16",
+        "features.item_ids=hashed",
+        "features.hashed_id_buckets=50",
+        "seed=7",
     )
     feats = build_item_features(catalog, config, progress=False)
     assert [(b.name, b.dim) for b in feats.layout.blocks] == [("text:hashing-16", 16), ("visual:data", 8)]
@@ -182,12 +187,23 @@ def test_build_item_features_layout_and_slices(tmp_path: Path) -> None:
     assert loaded.layout == feats.layout
     assert FeatureLayout.from_dict(feats.layout.to_dict()) == feats.layout
 
-    # Text-only when visual features are switched off; no ID buckets by default.
+    # Text-only when visual features are switched off; exact item IDs by default: row = index + 1,
+    # and the 'no ID' row 0 for cold items.
     text_only = build_item_features(
         catalog, config_for(tmp_path, "features.text_encoder=hashing", "features.use_visual=false"), progress=False
     )
     assert [b.name for b in text_only.layout.blocks] == ["text:hashing-128"]
-    assert text_only.id_buckets is None and text_only.layout.id_buckets == 0
+    assert text_only.layout.id_scheme == "exact" and text_only.layout.id_buckets == catalog.n_items + 1
+    expected = np.arange(1, catalog.n_items + 1)
+    if catalog.cold is not None:
+        expected[catalog.cold] = 0
+    np.testing.assert_array_equal(text_only.id_buckets, expected)
+    no_ids = build_item_features(
+        catalog, config_for(tmp_path, "features.text_encoder=hashing", "features.item_ids=none"), progress=False
+    )
+    assert no_ids.id_buckets is None and no_ids.layout.id_buckets == 0
+    with pytest.raises(KarmaError, match=r"only read with features\.item_ids=hashed"):
+        build_item_features(catalog, config_for(tmp_path, "features.hashed_id_buckets=8"), progress=False)
 
 
 # --- EfficientNet-Lite0 -------------------------------------------------------------------------

@@ -10,7 +10,9 @@ import torch
 
 from karma.config import load_config
 from tests.conftest import tiny_train_overrides
+from training.data.split import Windows, training_windows
 from training.model.karma import PRESETS, LossWeights
+from training.model.negatives import CatalogNegatives
 from training.model.towers import ItemTower, QueryTower
 from training.setup import Setup, build_setup, to_device
 
@@ -22,17 +24,27 @@ def karma_setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     return build_setup(config, progress=False)
 
 
+def _windows(setup: Setup) -> Windows:
+    return training_windows(setup.split, "every", setup.config.data.min_history)
+
+
 def _batch(setup: Setup, n: int = 8) -> dict:
-    return setup.batcher.training_batch(setup.split.train_pos[:n])
+    """Packed every-position rows of the first `n` windows (2 regularised slots each, L_gen text on)."""
+    return setup.batcher.training_batch(_windows(setup), np.arange(n), np.random.default_rng(0), 2, gen_text=True)
+
+
+def _served_inputs(setup: Setup, n: int = 8) -> dict[str, torch.Tensor]:
+    """What the served tower takes for the first `n` test users."""
+    return setup.batcher.encoder_inputs(setup.split.test_pos[:n])
 
 
 def _loss_terms(setup: Setup) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    neg = torch.arange(5)
+    catalog = CatalogNegatives.for_setup(setup, setup.device)
+    assert catalog is not None  # 1k items: the exact softmax
     return setup.model(
         to_device(_batch(setup), setup.device),
-        negatives=neg,
-        negative_inputs=setup.batcher.item_inputs(neg),
+        catalog=catalog.for_step(setup.model, 0),
         generator=torch.Generator().manual_seed(0),
     )
 
@@ -65,9 +77,15 @@ def test_gradients_reach_exactly_the_right_parameters(karma_setup: Setup) -> Non
     gen = _touched(model, out["gen"])
     recon = _touched(model, out["recon"])
     img = _touched(model, out["img"])
-    served_query = {"query_tower.decoder", "query_tower.projector", "query_tower.emb_token", "query_tower.out"}
-    # L_act trains both towers and nothing train-only.
-    assert act == served_query | {"item_tower.net"}
+    served_query = {
+        "query_tower.decoder",
+        "query_tower.projector",
+        "query_tower.emb_token",
+        "query_tower.out",
+        "query_tower.id_embedding",
+    }
+    # L_act trains both towers (content and ID parts) and nothing train-only.
+    assert act == served_query | {"item_tower.net", "item_tower.id_embedding"}
     # L_gen decodes from the history states: no item tower, no h_t projection, no recon/visual head.
     assert "item_tower.net" not in gen and "query_tower.out" not in gen
     assert {"query_tower.decoder", "query_tower.projector"} <= gen
@@ -82,11 +100,11 @@ def test_gradients_reach_exactly_the_right_parameters(karma_setup: Setup) -> Non
 
 def test_recon_gradient_reaches_h(karma_setup: Setup) -> None:
     model = karma_setup.model
-    batch = to_device(_batch(karma_setup), karma_setup.device)
-    enc = batch["encoder"]
+    enc = to_device(_served_inputs(karma_setup), karma_setup.device)
     h = model.query_tower(**enc).detach().requires_grad_(True)
     prefix = model.heads.recon_prefix(h).unsqueeze(1)
-    loss, _ = model.decode_text_loss(prefix, batch["target_text"])
+    targets = karma_setup.split.seq_items[karma_setup.split.test_pos[:8]]
+    loss, _ = model.decode_text_loss(prefix, karma_setup.batcher.texts_of(targets))
     loss.backward()
     assert h.grad is not None and torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
 
@@ -96,29 +114,38 @@ def test_dropping_train_only_heads_leaves_h_bit_identical(karma_setup: Setup) ->
     model = karma_setup.model.eval()
     cfg = karma_setup.config
     state = model.state_dict()
+    layout = karma_setup.features.layout
+    assert layout.id_buckets > 0  # the default recipe: exact item IDs
     served_q = QueryTower(
         _fresh_decoder(karma_setup),
-        karma_setup.features.layout.dim,
+        layout.dim,
         karma_setup.backbone.hidden_size,
         cfg.model.embed_dim,
+        layout.id_buckets,
     )
     served_q.load_state_dict(
         {k.removeprefix("query_tower."): v for k, v in state.items() if k.startswith("query_tower.")}
     )
-    served_i = ItemTower(karma_setup.features.layout.dim, cfg.model.item_tower_hidden, cfg.model.embed_dim)
+    served_i = ItemTower(layout.dim, cfg.model.item_tower_hidden, cfg.model.embed_dim, layout.id_buckets)
     served_i.load_state_dict(
         {k.removeprefix("item_tower."): v for k, v in state.items() if k.startswith("item_tower.")}
     )
     assert not any(k.startswith("heads.") for k in served_q.state_dict())
     batch = _batch(karma_setup)
+    enc = _served_inputs(karma_setup)
     with torch.no_grad():
-        assert torch.equal(served_q.eval()(**batch["encoder"]), model.query_tower(**batch["encoder"]))
+        assert torch.equal(served_q.eval()(**enc), model.query_tower(**enc))
         assert torch.equal(
             served_i.eval()(**batch["target_item_inputs"]), model.item_tower(**batch["target_item_inputs"])
         )
-        # The training pass appends target text after [EMB]; causal attention keeps h_t the same.
-        out = model(batch, negatives=None, negative_inputs=None)
-        torch.testing.assert_close(out["h"], served_q(**batch["encoder"]), atol=1e-5, rtol=0)
+        # The training pass carries target text after the regularised [EMB]s; causal attention keeps
+        # h_t the same: each window's last slot is the served request for that window's last target.
+        out = model(batch, catalog=CatalogNegatives.for_setup(karma_setup, karma_setup.device).for_step(model, 0))
+        rows = batch["slot_row"].numpy()
+        last = np.flatnonzero(np.r_[rows[1:] != rows[:-1], True])
+        windows = _windows(karma_setup)
+        served = served_q(**karma_setup.batcher.encoder_inputs(windows.ends[:8] - 1))
+        torch.testing.assert_close(out["h"][last], served, atol=1e-5, rtol=0)
 
 
 def _fresh_decoder(setup: Setup) -> torch.nn.Module:
@@ -130,12 +157,13 @@ def _fresh_decoder(setup: Setup) -> torch.nn.Module:
 def test_padding_does_not_change_h(karma_setup: Setup) -> None:
     """Extra padding in query and history (as micro-batching with longer neighbours adds) keeps h_t."""
     model = karma_setup.model.eval()
-    enc = _batch(karma_setup, 4)["encoder"]
+    enc = _served_inputs(karma_setup, 4)
     padded = {
         "query_ids": torch.cat([enc["query_ids"], torch.zeros(4, 3, dtype=torch.long)], 1),
         "query_mask": torch.cat([enc["query_mask"], torch.zeros(4, 3, dtype=torch.long)], 1),
         "hist_features": torch.cat([torch.randn(4, 5, enc["hist_features"].shape[-1]), enc["hist_features"]], 1),
         "hist_mask": torch.cat([torch.zeros(4, 5, dtype=torch.long), enc["hist_mask"]], 1),
+        "hist_buckets": torch.cat([torch.randint(0, 50, (4, 5)), enc["hist_buckets"]], 1),
     }
     with torch.no_grad():
         torch.testing.assert_close(model.query_tower(**padded), model.query_tower(**enc), atol=1e-5, rtol=0)

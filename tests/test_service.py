@@ -28,7 +28,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from karma.bundle import load_bundle
 from karma.config import ServeConfig
-from karma.featurize import history_features, pad_histories
 from service.app import create_app
 from service.launcher import free_port, wait_ready
 from tests.conftest import KARMA_BIN, REDIS_URL, REPO, needs_redis, redis_up
@@ -85,17 +84,9 @@ def run(coro: Any) -> Any:
 def direct_search(reference: dict[str, Any], query: str, history: list[str], k: int, exclude: bool) -> tuple:
     """Encode with the bundle's sessions and brute-force inner products over item_embeddings."""
     bundle = reference["bundle"]
-    m = bundle.manifest
     row_of = {str(item): row for row, item in enumerate(bundle.items["item_id"].tolist())}
     rows = [row_of[i] for i in history if i in row_of]
-    ids, mask = bundle.tokenizer.encode([query], m.max_query_tokens)
-    items, hmask = pad_histories([np.asarray(rows, dtype=np.int64)], m.max_history)
-    feeds = {
-        "query_ids": ids,
-        "query_mask": mask,
-        "hist_features": history_features(bundle.item_features, items),
-        "hist_mask": hmask,
-    }
+    feeds = bundle.query_feeds([query], [np.asarray(rows, dtype=np.int64)])
     h = reference["sessions"].encode_query(feeds)[0]
     scores = bundle.item_embeddings @ h
     if exclude and rows:

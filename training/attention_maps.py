@@ -77,19 +77,21 @@ def plot_attention_by_layer(results: Sequence[ModelDiagnostics], out_path: Path)
     return {"file": out_path.name, "panels": list(ATTENTION_METRICS), "models": [r.name for r in results]}
 
 
-def _segment_ticks(ax: Any, n_query: int, n_history: int) -> None:
+def _segment_ticks(ax: Any, n_query: int, n_history: int, history_first: bool = True) -> None:
+    """Block boundaries and labels: history, query, [EMB] (or query first, for maps of the older tower)."""
+    blocks = (
+        [("history", n_history), ("query", n_query)] if history_first else [("query", n_query), ("history", n_history)]
+    )
     n = n_query + n_history + 1
-    bounds = [b - 0.5 for b in (n_query, n_query + n_history) if 0 < b < n]
-    for b in bounds:
-        ax.axvline(b, color="cyan", lw=0.6, alpha=0.8)
-        ax.axhline(b, color="cyan", lw=0.6, alpha=0.8)
-    ticks, labels = [], []
-    if n_query:
-        ticks.append((n_query - 1) / 2)
-        labels.append("query")
-    if n_history:
-        ticks.append(n_query + (n_history - 1) / 2)
-        labels.append("history")
+    ticks, labels, start = [], [], 0
+    for label, size in blocks:
+        if size:
+            ticks.append(start + (size - 1) / 2)
+            labels.append(label)
+        start += size
+        if 0 < start < n:
+            ax.axvline(start - 0.5, color="cyan", lw=0.6, alpha=0.8)
+            ax.axhline(start - 0.5, color="cyan", lw=0.6, alpha=0.8)
     ticks.append(n - 1)
     labels.append("EMB")
     ax.set_xticks(ticks, labels, fontsize=7)
@@ -113,7 +115,7 @@ def plot_attention_maps(results: Sequence[ModelDiagnostics], out_path: Path) -> 
         for row, layer in enumerate(layers):
             ax = axes[row, col]
             image = ax.imshow(amap.layers[layer], cmap="magma", norm=norm, interpolation="nearest")
-            _segment_ticks(ax, amap.n_query, amap.n_history)
+            _segment_ticks(ax, amap.n_query, amap.n_history, amap.history_first)
             if row == 0:
                 ax.set_title(f"user {amap.user}\n{results[k].name}", fontsize=8)
             if col == 0:

@@ -7,16 +7,16 @@ symptom on `n_users` test users of a checkpoint, under the evaluation protocol, 
 action-only run and a KARMA run can be put side by side.
 
 Notation (one user, one layer, one head). The query tower's sequence is
-`[query tokens][history items][EMB]` (padding may sit after a short query and before a short
-history). `A` (S x S) is the eager softmax attention of that head, row `i` = query position,
+`[history items][query tokens][EMB]` (padding may sit before a short history and after a short
+query). `A` (S x S) is the eager softmax attention of that head, row `i` = query position,
 column `j` = key position; rows sum to 1 over the valid keys `j <= i`.
 
 * `V`: valid (non-padding) positions. `Hist` ⊂ V: the history-item positions. `e`: the [EMB]
   position (the last one; its hidden state becomes `h_t`). `f = min V`: the first valid position,
-  where LLMs park unused attention (the attention-sink position; the first query token, or the
-  oldest history item when the query is empty).
-* `R = Hist ∪ {e}`: "every position after the history starts". Query-token rows are left out:
-  under causal masking they come before every history column and cannot attend to history.
+  where LLMs park unused attention (the attention-sink position: the oldest history item, or the
+  first query token when the history is empty).
+* `R = Hist ∪ {e}`: the history rows and [EMB] (query-token rows are left out, so the measure
+  is comparable with maps of the older query-first tower, where they could not see the history).
 
 Attention metrics (each computed per user, layer and head, then averaged over users; users where
 a metric is undefined, e.g. an empty history, are skipped):
@@ -331,7 +331,7 @@ class AttentionPass:
     attentions: tuple[Tensor, ...]  # per layer (B, H, S, S)
     valid: Tensor  # (B, S) bool
     history: Tensor  # (B, S) bool: history-item positions that are valid
-    query_len: int  # Lq: the query block is positions [0, Lq)
+    hist_len: int  # L: the history block is positions [0, L), then the query, then [EMB]
 
 
 @torch.inference_mode()
@@ -355,15 +355,15 @@ def attention_pass(setup: Setup, positions: np.ndarray) -> AttentionPass:
         )
     if not out.attentions:
         raise KarmaError(f"{type(qt.decoder).__name__} returned no attention weights with output_attentions=True")
-    query_len = inputs["query_ids"].shape[1]
+    hist_len = inputs["hist_mask"].shape[1]
     history = torch.zeros_like(mask, dtype=torch.bool)
-    history[:, query_len:-1] = inputs["hist_mask"].bool()
+    history[:, :hist_len] = inputs["hist_mask"].bool()
     return AttentionPass(
         h=qt.head(out.last_hidden_state[:, -1]),
         attentions=tuple(a.float() for a in out.attentions),
         valid=mask.bool(),
         history=history,
-        query_len=query_len,
+        hist_len=hist_len,
     )
 
 
@@ -373,9 +373,10 @@ class AttentionMap:
 
     user: int
     position: int  # split position of the user's test target
-    n_query: int  # valid query tokens (first block)
-    n_history: int  # valid history items (second block); [EMB] is the last position
+    n_query: int  # valid query tokens
+    n_history: int  # valid history items; [EMB] is the last position
     layers: list[np.ndarray]  # per layer (n, n), n = n_query + n_history + 1
+    history_first: bool = True  # block order: history, query, [EMB] (False: maps of the older query-first tower)
 
 
 @dataclass
@@ -410,7 +411,7 @@ class ModelDiagnostics:
                 **{k: getattr(self, k) for k in ("per_layer", "reference_per_layer", "scalars", "references", "notes")},
                 "maps": [
                     {"user": m.user, "position": m.position, "n_query": m.n_query, "n_history": m.n_history,
-                     "layers": m.layers}
+                     "layers": m.layers, "history_first": m.history_first}
                     for m in self.maps
                 ],
             }
@@ -431,6 +432,7 @@ class ModelDiagnostics:
                 position=int(m["position"]),
                 n_query=int(m["n_query"]),
                 n_history=int(m["n_history"]),
+                history_first=bool(m.get("history_first", False)),
                 layers=[np.asarray(layer, dtype=np.float64) for layer in m["layers"]],
             )
             for m in data.get("maps", [])
@@ -487,7 +489,7 @@ class _Mean:
 
 def _attention_map(p: AttentionPass, row: int, user: int, position: int) -> AttentionMap:
     keep = p.valid[row].nonzero().squeeze(-1)
-    n_query = int(p.valid[row, : p.query_len].sum())
+    n_query = int(p.valid[row, p.hist_len : -1].sum())
     n_history = int(p.history[row].sum())
     layers = [a[row].mean(0)[keep][:, keep].cpu().numpy() for a in p.attentions]
     return AttentionMap(user=user, position=position, n_query=n_query, n_history=n_history, layers=layers)

@@ -79,7 +79,15 @@ def build_setup(
     content = content_target_slice(features)
     batcher = Batcher(dataset, split, features, backbone.tokenizer, config)
     torch.manual_seed(config.seed)  # towers and heads start from the same weights on every rank
-    model = KarmaModel(backbone, features.layout.dim, content.stop - content.start, config)
+    layout = features.layout
+    model = KarmaModel(
+        backbone,
+        layout.dim,
+        content.stop - content.start,
+        config,
+        id_buckets=layout.id_buckets,
+        exact_ids=layout.id_scheme == "exact",
+    )
     if config.loss.lm_vocab == "catalog":
         model.restrict_lm_vocab(catalog_token_ids(batcher, backbone), backbone.lm_head.weight.shape[0])
     if checkpoint is not None:

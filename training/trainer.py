@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 from karma.config import KarmaConfig
 from karma.errors import KarmaError
 from training.checkpoint import load_optimizer, save_checkpoint
+from training.data.split import training_windows
 from training.model.karma import KarmaModel, popularity_log_q
+from training.model.negatives import CatalogNegatives
 from training.setup import Setup, build_setup, pick_device, to_device
 
 log = logging.getLogger(__name__)
@@ -101,12 +103,12 @@ def lr_factors(config: KarmaConfig) -> list:
 
 
 class BatchSampler:
-    """Deterministic batches: permutation of the training targets per epoch, sharded by rank."""
+    """Deterministic batches: permutation of the training windows per epoch, sharded by rank."""
 
     def __init__(self, train_pos: np.ndarray, batch_size: int, seed: int, rank: int, world: int):
         if len(train_pos) < batch_size * world:
             raise KarmaError(
-                f"only {len(train_pos)} training examples for batch_size {batch_size} x {world} process(es)"
+                f"only {len(train_pos)} training windows for batch_size {batch_size} x {world} process(es)"
             )
         self.train_pos = train_pos
         self.batch_size = batch_size
@@ -177,11 +179,22 @@ def train(
 
     t = config.train
     total_steps = t.semantic_warmup_steps + t.steps
-    sampler = BatchSampler(setup.split.train_pos, t.batch_size, config.seed, ctx.rank, ctx.world)
+    windows = training_windows(setup.split, t.targets, config.data.min_history)
+    sampler = BatchSampler(np.arange(len(windows)), t.batch_size, config.seed, ctx.rank, ctx.world)
     probs, log_q_np = popularity_log_q(setup.split.seq_items[setup.split.train_pos], setup.dataset.catalog.n_items)
     log_q = torch.from_numpy(log_q_np).to(device) if config.loss.logq_correction else None
     warm_items = np.flatnonzero(probs > 0)  # items seen as training targets (never a cold item)
     autocast = device.type == "cuda" and t.bf16
+    negatives = CatalogNegatives.for_setup(setup, device)
+    if ctx.is_main:
+        log.info(
+            "training: %s windows (%s targets, %.1f per window, targets=%s); negatives: %s",
+            f"{len(windows):,}",
+            f"{windows.n_targets:,}",
+            windows.n_targets / max(1, len(windows)),
+            t.targets,
+            negatives.describe() if negatives else f"sampled ({config.loss.sampled_negatives} + in-batch, logQ)",
+        )
 
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,13 +208,19 @@ def train(
         desc="train",
     )
     started = time.perf_counter()
-    examples = 0
+    cpu_started = time.process_time()
+    examples = targets = 0
+    budget_hit = False
+    eval_cpu = 0.0
+    last_step = start_step
     for step in bar:
+        last_step = step + 1
         model.train()
         stage = "warmup" if step < t.semantic_warmup_steps else "action"
         rng = np.random.default_rng([config.seed, step, ctx.rank])
         generator = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
         logs: dict[str, float] = {}
+        step_targets_before = targets
         for micro in range(t.grad_accum):
             if stage == "warmup":
                 items = rng.choice(warm_items, size=t.batch_size)
@@ -212,12 +231,22 @@ def train(
                 kwargs: dict[str, Any] = {"mode": "warmup"}
             else:
                 index = (step - t.semantic_warmup_steps) * t.grad_accum + micro
-                batch = setup.batcher.training_batch(sampler.batch(index))
+                batch = setup.batcher.training_batch(
+                    windows,
+                    sampler.batch(index),
+                    rng,
+                    config.loss.reg_positions,
+                    gen_text=model.weights.gen > 0,
+                    exposed=config.loss.act == "pairwise",
+                )
                 kwargs = {"mode": "action", "log_q": log_q, "generator": generator}
-                if config.loss.sampled_negatives > 0:
+                if negatives is not None and config.loss.act == "softmax":
+                    kwargs["catalog"] = negatives.for_step(model, step - t.semantic_warmup_steps)
+                elif config.loss.sampled_negatives > 0 and config.loss.act == "softmax":
                     neg = torch.from_numpy(rng.choice(len(probs), size=config.loss.sampled_negatives, p=probs))
                     kwargs["negatives"] = neg.to(device)
                     kwargs["negative_inputs"] = to_device(setup.batcher.item_inputs(neg), device)
+                targets += int(batch["target_items"].shape[0]) * ctx.world
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = wrapped(to_device(batch, device), **kwargs)
             (out["total"] / t.grad_accum).backward()
@@ -228,8 +257,10 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        cpu_used = time.process_time() - cpu_started - eval_cpu
         if ctx.is_main:
             record = {"step": step + 1, "stage": stage, **logs, "grad_norm": float(grad_norm)}
+            record.update(cpu_seconds=round(cpu_used, 3), targets=targets - step_targets_before)
             record.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
             with (out_dir / METRICS_LOG).open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -239,14 +270,37 @@ def train(
         if t.eval_every and (step + 1) % t.eval_every == 0 and stage == "action" and ctx.is_main:
             from training.evaluate import evaluate_setup
 
-            evaluate_setup(setup, which="valid", print_table=True, title=f"validation @ step {step + 1}")
+            eval_started = time.process_time()  # validation is not training: its CPU time is not counted
+            report = evaluate_setup(setup, which="valid", print_table=progress, title=f"validation @ step {step + 1}")
+            eval_cpu += time.process_time() - eval_started
+            metrics = next(iter(report["results"].values()))["all"]
+            record = {"step": step + 1, "stage": "eval", "cpu_seconds": round(cpu_used, 3), "targets_seen": targets}
+            record["valid"] = {k: float(v) for k, v in metrics.items() if k.startswith(("HR@", "NDCG@"))}
+            with (out_dir / METRICS_LOG).open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
         if stop_after is not None and step + 1 >= stop_after:
             break
+        if t.max_cpu_seconds is not None and cpu_used >= t.max_cpu_seconds and stage == "action":
+            log.info(
+                "train.max_cpu_seconds=%s reached after step %d: ending the action stage", t.max_cpu_seconds, step + 1
+            )
+            if ctx.is_main and (step + 1) % t.checkpoint_every != 0 and step + 1 != total_steps:
+                _save(setup, model, optimizer, scheduler, step + 1, ctx.world)
+            budget_hit = True
+            break
     elapsed = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started - eval_cpu
     bar.close()
-    result: dict[str, Any] = {"train_seconds": elapsed, "examples_per_second": examples / max(elapsed, 1e-9)}
+    result: dict[str, Any] = {
+        "train_seconds": elapsed,
+        "train_cpu_seconds": cpu_seconds,
+        "examples_per_second": examples / max(elapsed, 1e-9),
+        "targets": targets,
+        "targets_per_cpu_second": targets / max(cpu_seconds, 1e-9),
+        "steps_done": last_step - start_step,
+    }
     ctx.barrier()
-    finished = stop_after is None or stop_after >= total_steps
+    finished = budget_hit or stop_after is None or stop_after >= total_steps
     if ctx.is_main and finished and evaluate_at_end:
         from training.evaluate import evaluate_setup
         from training.plots import plot_training_curves

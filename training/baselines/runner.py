@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--which", default=",".join(BASELINES), help="comma-separated baselines")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     for field, default in SASRecConfig().__dict__.items():  # SASRec hyper-parameters (see SASRecConfig)
-        kind = int if default is None else type(default)  # the optional fields are ints
+        kind = (float if field.endswith("seconds") else int) if default is None else type(default)  # optional ones
         parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=default, help=f"SASRec {field}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the metrics here")

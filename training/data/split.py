@@ -107,3 +107,58 @@ def split_dataset(dataset: Dataset, min_history: int = 1, max_history: int = 50)
         test_pos=np.flatnonzero(test_mask),
         max_history=max_history,
     )
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Training windows over a `Split`: window w is `seq_items[starts[w]:ends[w]]`.
+
+    Its first item is history only; every later position p with `p >= first_target[w]` is a
+    target whose history is the window's items before it (`training.model.sequences`).
+    """
+
+    starts: np.ndarray  # (W,) int64
+    ends: np.ndarray  # (W,) int64, exclusive; ends - 1 is the window's last target
+    first_target: np.ndarray  # (W,) int64: earlier positions of the window are history only
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.ends - np.maximum(self.first_target, self.starts + 1)).sum())
+
+
+def training_windows(split: Split, mode: str, min_history: int = 1) -> Windows:
+    """The training examples of `train.targets`.
+
+    every: each user's training positions are cut, from the newest back, into windows of
+    `max_history + 1` items that overlap by one, so every training target is supervised exactly
+    once per epoch and a window's last target sees a full `max_history` history, as served (SASRec
+    and HLLM train on truncated sequences the same way). Targets need >= max(1, min_history)
+    earlier events. last: one window per training target, its newest `max_history` events before it.
+    """
+    train = split.train_pos
+    if mode == "last":
+        starts = np.maximum(split.user_offsets[split.seq_users[train]], train - split.max_history)
+        return Windows(starts.astype(np.int64), (train + 1).astype(np.int64), train.astype(np.int64))
+    if mode != "every":
+        raise ValueError(f"unknown train.targets {mode!r}; use every or last")
+    width = split.max_history + 1
+    users = split.seq_users[train]
+    last = np.full(len(split.user_offsets) - 1, -1, dtype=np.int64)
+    np.maximum.at(last, users, train)
+    starts, ends, firsts = [], [], []
+    for user in np.flatnonzero(last >= 0):
+        begin = int(split.user_offsets[user])
+        first = begin + max(1, min_history)
+        end = int(last[user]) + 1
+        while end - 1 >= first:
+            start = max(begin, end - width)
+            starts.append(start)
+            ends.append(end)
+            firsts.append(first)
+            end = start + 1
+    return Windows(
+        np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64), np.asarray(firsts, dtype=np.int64)
+    )

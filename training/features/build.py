@@ -133,6 +133,49 @@ def _image_block(catalog: Catalog, config: KarmaConfig, cache: FeatureCache, pro
     return encoder.name, matrix
 
 
+EXACT_ID_MAX_ITEMS = 5_000_000  # beyond this an exact table (items x hidden floats) is hashed's job
+
+
+def item_id_rows(catalog: Catalog, config: KarmaConfig) -> tuple[np.ndarray | None, int, int]:
+    """Each item's ID-table row, the table size and the hash seed, for `features.item_ids`.
+
+    exact: row = catalog index + 1, and row 0 (a zero vector that is never trained) for the
+    catalog's cold items, so a cold item is scored from its content alone, in training, export and
+    serving alike. hashed: blake2b buckets shared by colliding items.
+    """
+    fc = config.features
+    if fc.item_ids == "hashed" and fc.hashed_id_buckets < 1:
+        raise KarmaError("features.item_ids=hashed needs features.hashed_id_buckets > 0")
+    if fc.item_ids != "hashed" and fc.hashed_id_buckets > 0:
+        raise KarmaError(
+            f"features.hashed_id_buckets={fc.hashed_id_buckets} is only read with features.item_ids=hashed "
+            f"(it is {fc.item_ids!r})"
+        )
+    if fc.item_ids == "none" or not config.model.id_embedding:
+        return None, 0, 0
+    if fc.item_ids == "hashed":
+        logger.info("item features: hashed item ids into %s buckets (seed %s)", fc.hashed_id_buckets, config.seed)
+        return (
+            hashed_id_buckets(catalog.item_ids, fc.hashed_id_buckets, seed=config.seed),
+            fc.hashed_id_buckets,
+            config.seed,
+        )
+    if catalog.n_items > EXACT_ID_MAX_ITEMS:
+        raise KarmaError(
+            f"features.item_ids=exact with {catalog.n_items:,} items (> {EXACT_ID_MAX_ITEMS:,}): "
+            "use features.item_ids=hashed with features.hashed_id_buckets"
+        )
+    rows = np.arange(1, catalog.n_items + 1, dtype=np.int64)
+    if catalog.cold is not None:
+        rows[np.asarray(catalog.cold, dtype=bool)] = 0
+    logger.info(
+        "item features: exact item ids (%s rows; %s cold items get the zero 'no ID' row)",
+        catalog.n_items + 1,
+        int((rows == 0).sum()),
+    )
+    return rows, catalog.n_items + 1, 0
+
+
 def build_item_features(catalog: Catalog, config: KarmaConfig, progress: bool = True) -> ItemFeatures:
     """Every item's frozen content features (cached encoders) and, if configured, its hashed-ID bucket."""
     fc = config.features
@@ -162,15 +205,12 @@ def build_item_features(catalog: Catalog, config: KarmaConfig, progress: bool = 
     elif catalog.visual is not None or fc.image_dir is not None:
         logger.info("item features: visual features available but features.use_visual is off; text only")
 
-    id_buckets = None
-    if fc.hashed_id_buckets > 0:
-        id_buckets = hashed_id_buckets(catalog.item_ids, fc.hashed_id_buckets, seed=config.seed)
-        logger.info("item features: hashed item ids into %s buckets (seed %s)", fc.hashed_id_buckets, config.seed)
-
+    id_buckets, id_rows, id_seed = item_id_rows(catalog, config)
     layout = FeatureLayout(
         blocks=tuple(blocks),
-        id_buckets=fc.hashed_id_buckets,
-        id_hash_seed=config.seed if fc.hashed_id_buckets > 0 else 0,
+        id_buckets=id_rows,
+        id_hash_seed=id_seed,
+        id_scheme=fc.item_ids if id_rows else "hashed",
     )
     matrix = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     matrix = np.ascontiguousarray(matrix, dtype=np.float32)

@@ -1,8 +1,9 @@
 """The action loss `L_act`: rank the clicked next item above negatives.
 
-Two interchangeable forms (DESIGN §1):
+Three interchangeable forms (DESIGN §1, §9):
 
-* `sampled_softmax_loss` (the default): InfoNCE / sampled softmax over the batch's own positives
+* `catalog_softmax_loss` (the default while the catalog fits): an exact softmax over every item.
+* `sampled_softmax_loss` (large catalogs): InfoNCE / sampled softmax over the batch's own positives
   (in-batch negatives) plus optional extra sampled negatives, with logQ popularity correction and
   accidental-hit masking.
 * `pairwise_logistic_loss` (the paper's form): `-log σ(h·e⁺ − h·e⁻)` averaged over valid
@@ -18,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["in_batch_negatives", "pairwise_logistic_loss", "sampled_softmax_loss"]
+__all__ = [
+    "catalog_softmax_loss",
+    "in_batch_negatives",
+    "pairwise_logistic_from_scores",
+    "pairwise_logistic_loss",
+    "sampled_softmax_loss",
+]
 
 
 def _zero_with_grad(*tensors: Tensor) -> Tensor:
@@ -157,16 +164,61 @@ def pairwise_logistic_loss(
 
     s_pos = (h * pos_emb).sum(dim=-1).float()  # (B,)
     s_neg = torch.einsum("bd,bkd->bk", h, neg_emb).float()  # (B, K)
+    if neg_mask is None and s_neg.numel() == 0:
+        return _zero_with_grad(h, pos_emb, neg_emb)
+    return pairwise_logistic_from_scores(s_pos, s_neg, neg_mask, temperature, _zero_with_grad(h, pos_emb, neg_emb))
+
+
+def pairwise_logistic_from_scores(
+    s_pos: Tensor, s_neg: Tensor, neg_mask: Tensor | None, temperature: float, zero: Tensor
+) -> Tensor:
+    """`pairwise_logistic_loss` on precomputed scores: s_pos (B,), s_neg (B, K), mask (B, K) or None.
+
+    For negatives shared by many rows (in-batch positives) a caller computes `h @ E.T` once instead
+    of materialising (B, K, D) negatives. `zero` is returned when no pair is valid.
+    """
     pair = F.softplus(-(s_pos.unsqueeze(1) - s_neg) / temperature)  # (B, K)
     if neg_mask is None:
-        if pair.numel() == 0:
-            return _zero_with_grad(h, pos_emb, neg_emb)
-        return pair.mean()
+        return pair.mean() if pair.numel() else zero
     mask = neg_mask.to(device=pair.device, dtype=torch.bool)
     n_valid = int(mask.sum())
     if n_valid == 0:
-        return _zero_with_grad(h, pos_emb, neg_emb)
+        return zero
     return pair.masked_fill(~mask, 0.0).sum() / n_valid
+
+
+def catalog_softmax_loss(
+    h: Tensor, catalog_emb: Tensor, target_cols: Tensor, pos_emb: Tensor | None = None, scale: Tensor | float = 20.0
+) -> Tensor:
+    """Exact softmax over the whole catalog: `-log softmax(scale · h @ E.T)[target]`.
+
+    What it optimises: the log-likelihood of the clicked item among *every* item, the quantity full
+    ranking evaluates, with no sampling bias to correct (no logQ) and no accidental hits (each item is
+    one column). With a 3,883-item catalog and 1,600 targets a step this is ~0.8 GFLOP, cheaper than
+    one decoder layer; it beat 16 in-batch + 128 sampled negatives by 2-7 HR@200 points on ML-1M.
+
+    `pos_emb` (M, D), when given, replaces each row's target column by `scale · h·pos_emb`: the
+    positive is embedded freshly (with the item tower's gradient, and with training-time ID dropout)
+    while `catalog_emb` may be a no-grad cache refreshed every few steps (`loss.catalog_refresh_every`).
+
+    Args:
+        h: (M, D) unit user states (one per supervised position).
+        catalog_emb: (P, D) unit item embeddings of the candidate pool (the catalog minus cold items).
+        target_cols: (M,) int64 column of each row's clicked item in `catalog_emb`.
+        pos_emb: optional (M, D) fresh embeddings of the clicked items.
+        scale: the logit scale 1/τ (a float, or a learned scalar tensor).
+    """
+    if h.dim() != 2 or catalog_emb.dim() != 2 or h.shape[1] != catalog_emb.shape[1]:
+        raise ValueError(
+            f"h (M, D) and catalog_emb (P, D) must share D; got {tuple(h.shape)}, {tuple(catalog_emb.shape)}"
+        )
+    if target_cols.shape != (h.shape[0],):
+        raise ValueError(f"target_cols must be ({h.shape[0]},); got {tuple(target_cols.shape)}")
+    logits = (h @ catalog_emb.T).float() * scale
+    if pos_emb is not None:
+        pos = ((h * pos_emb).sum(dim=-1, keepdim=True)).float() * scale
+        logits = logits.scatter(1, target_cols.unsqueeze(1), pos)
+    return F.cross_entropy(logits, target_cols)
 
 
 def in_batch_negatives(pos_emb: Tensor, pos_idx: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,8 +1,10 @@
 """Turn split positions into model-ready tensors.
 
 One `Batcher` serves training, the warm-up and evaluation, so the history a model is trained on
-and the history it is evaluated (and later served) with are built by the same code: newest
-`max_history` events, oldest first, left-padded so the newest item sits next to [EMB].
+and the history it is evaluated (and later served) with are built from the same arrays, the same
+tokenizer call and the same truncation: newest `max_history` events, oldest first. Evaluation
+feeds the served layout (`encoder_inputs`); training packs every position of a window into one
+row (`training_batch`, `training.model.sequences`), whose last slot is that same served input.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from karma.config import KarmaConfig
 from karma.featurize import pad_histories
 from karma.tokenization import TextTokenizer
 from training.data.schema import Dataset
-from training.data.split import Split
+from training.data.split import Split, Windows
 from training.features import ItemFeatures
 from training.losses import IGNORE_INDEX
+from training.model.sequences import pack_rows, pick_reg_slots
 
 
 @dataclass
@@ -113,20 +116,64 @@ class Batcher:
             mask[i, : len(r)] = True
         return torch.from_numpy(items), torch.from_numpy(mask)
 
-    def training_batch(self, positions: np.ndarray) -> dict[str, object]:
-        targets = self.split.seq_items[positions].astype(np.int64)
-        target_t = torch.from_numpy(targets)
-        exposed, exposed_mask = self.exposed(positions)
-        return {
-            "encoder": self.encoder_inputs(positions),
-            "target_items": target_t,
-            "target_item_inputs": self.item_inputs(target_t),
-            "target_text": self.texts_of(targets),
-            "target_content": self.visual_target[target_t],
-            "exposed_items": exposed,
-            "exposed_mask": exposed_mask,
-            "exposed_inputs": self.item_inputs(exposed.reshape(-1)),
+    def training_batch(
+        self,
+        windows: Windows,
+        index: np.ndarray,
+        rng: np.random.Generator,
+        reg_positions: int,
+        gen_text: bool,
+        exposed: bool = False,
+    ) -> dict[str, object]:
+        """Packed every-position rows for windows `index` (see `training.model.sequences`).
+
+        Each supervised position gets a slot `[query of its target][EMB]`; up to `reg_positions`
+        slots per row (the last always) are marked for the regularizers, and with `gen_text` the
+        target's text follows their [EMB] for L_gen. Queries go through the same tokenizer call,
+        truncation and id buckets as `karma.featurize.query_encoder_feeds` serves.
+        """
+        starts, ends, firsts = windows.starts[index], windows.ends[index], windows.first_target[index]
+        histories, queries, supervised, reg_rows, texts, target_pos = [], [], [], [], [], []
+        for start, end, first in zip(starts, ends, firsts, strict=True):
+            positions = np.arange(start + 1, end)  # target of slot j is positions[j]
+            sup = positions >= first
+            reg = pick_reg_slots(sup, reg_positions, rng)
+            histories.append(self.split.seq_items[start : end - 1].astype(np.int64))
+            queries.append(self.tokenizer.ids(self.query_texts(positions), self.max_query_tokens))
+            supervised.append(sup)
+            reg_rows.append(reg[sup])
+            targets = self.split.seq_items[positions]
+            texts.append({int(j): self.item_text_ids[targets[j]] for j in np.flatnonzero(reg)} if gen_text else {})
+            target_pos.append(positions[sup])
+        meta = self.tokenizer.meta
+        layout = pack_rows(histories, queries, supervised, texts, meta.pad_id, meta.eos_id)
+        slot_pos = np.concatenate(target_pos)
+        targets = torch.from_numpy(self.split.seq_items[slot_pos].astype(np.int64))
+        reg = torch.from_numpy(np.concatenate(reg_rows))
+        hist_items = torch.from_numpy(layout.hist_items)
+        batch: dict[str, object] = {
+            "hist_features": self.features[hist_items],
+            "hist_valid": torch.from_numpy(layout.hist_valid),
+            "block_ids": torch.from_numpy(layout.block_ids),
+            "block_is_emb": torch.from_numpy(layout.block_is_emb),
+            "allowed": torch.from_numpy(layout.allowed),
+            "position_ids": torch.from_numpy(layout.position_ids),
+            "gen_labels": torch.from_numpy(layout.gen_labels),
+            "slot_row": torch.from_numpy(layout.slot_row),
+            "slot_col": torch.from_numpy(layout.slot_col),
+            "slot_hist": torch.from_numpy(layout.slot_hist),
+            "target_items": targets,
+            "target_item_inputs": self.item_inputs(targets),
+            "reg": reg,
+            "reg_text": self.texts_of(targets[reg].numpy()),
+            "reg_content": self.visual_target[targets[reg]],
         }
+        if self.id_buckets is not None:
+            batch["hist_buckets"] = self.id_buckets[hist_items]
+        if exposed:
+            items, mask = self.exposed(slot_pos)
+            batch.update(exposed_items=items, exposed_mask=mask, exposed_inputs=self.item_inputs(items.reshape(-1)))
+        return batch
 
 
 def content_target_slice(features: ItemFeatures) -> slice:

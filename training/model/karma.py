@@ -2,17 +2,20 @@
 
     L = L_act + λ_gen·L_gen + λ_recon·L_recon + λ_img·L_img
 
-One decoder pass over `[query][history][EMB][target text]` gives both `h_t` (at [EMB]; causal
-attention means the appended text cannot influence it) and the history-conditioned generation
-logits (`L_gen`). A second, short pass over `[proj(h_t)][target text]` gives `L_recon`, whose
-gradient reaches `h_t`. `L_img` regresses the target's frozen visual (or, where the data has no
-visual vectors, text-embedding) features from `h_t` with a flow-matching head.
+One decoder pass over a packed window (`training.model.sequences`: the history once, then a
+`[query][EMB]` slot per supervised position) gives `h_t` at every position; the regularised slots
+carry their target's text after [EMB] (causal: `h_t` is unaffected) for the history-conditioned
+generation loss `L_gen`. A second, short pass over `[proj(h_t)][target text]` gives `L_recon`,
+whose gradient reaches `h_t`. `L_img` regresses the target's frozen visual (or, where the data
+has no visual vectors, text-embedding) features from `h_t` with a flow-matching head. The
+regularizers run on at most `loss.reg_positions` slots per window, so their cost stays bounded.
 
 Presets only change the λs and the visual head; the served architecture is identical for all.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,16 +27,16 @@ from karma.config import KarmaConfig, LossConfig
 from karma.errors import KarmaError
 from training.losses import (
     IGNORE_INDEX,
-    in_batch_negatives,
+    catalog_softmax_loss,
     lm_loss,
-    pairwise_logistic_loss,
+    pairwise_logistic_from_scores,
     sampled_softmax_loss,
     token_accuracy,
 )
 from training.model.backbone import Backbone
 from training.model.batches import TextTargets
 from training.model.heads import TrainOnlyHeads
-from training.model.towers import ItemTower, QueryTower
+from training.model.towers import ItemTower, QueryTower, init_id_table
 
 # preset -> (λ_gen, λ_recon, λ_img, visual head)
 PRESETS: dict[str, tuple[float, float, float, str]] = {
@@ -70,13 +73,27 @@ class LossWeights:
 class KarmaModel(nn.Module):
     """`query_tower` and `item_tower` are served; `heads` is dropped at export."""
 
-    def __init__(self, backbone: Backbone, feature_dim: int, content_dim: int, config: KarmaConfig):
+    def __init__(
+        self,
+        backbone: Backbone,
+        feature_dim: int,
+        content_dim: int,
+        config: KarmaConfig,
+        id_buckets: int = 0,
+        exact_ids: bool = False,
+    ):
         super().__init__()
         m = config.model
         hidden = backbone.hidden_size
-        id_buckets = config.features.hashed_id_buckets if m.id_embedding else 0
         self.weights = LossWeights.from_config(config.loss)
         self.loss_config = config.loss
+        self.id_dropout = m.id_dropout
+        # Learned softmax temperature (train-only: scores rank the same at any scale, so export drops it).
+        self.log_scale = (
+            nn.Parameter(torch.tensor(math.log(1.0 / config.loss.temperature)))
+            if config.loss.learn_temperature
+            else None
+        )
         # Set by restrict_lm_vocab (loss.lm_vocab=catalog); None = full-vocabulary softmax.
         self.register_buffer("lm_vocab", None, persistent=False)
         self.register_buffer("lm_vocab_index", None, persistent=False)
@@ -84,6 +101,8 @@ class KarmaModel(nn.Module):
             backbone.decoder, feature_dim, hidden, m.embed_dim, id_buckets, center_emb=m.center_emb
         )
         self.item_tower = ItemTower(feature_dim, m.item_tower_hidden, m.embed_dim, id_buckets)
+        for table in (self.query_tower.id_embedding, self.item_tower.id_embedding):
+            init_id_table(table, m.id_init_std, exact_ids)
         cond_dim = m.embed_dim if config.loss.img_condition == "h" else hidden
         self.heads = TrainOnlyHeads(
             lm_head=backbone.lm_head,
@@ -150,6 +169,36 @@ class KarmaModel(nn.Module):
 
     # ---- the training objective ---------------------------------------------------------------
 
+    def logit_scale(self) -> torch.Tensor:
+        """1/τ of the action softmax: learned and capped at 1/min_temperature, or the fixed config value."""
+        if self.log_scale is None:
+            return torch.tensor(1.0 / self.loss_config.temperature)
+        return self.log_scale.exp().clamp(max=1.0 / self.loss_config.min_temperature)
+
+    def id_keep(
+        self, shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None
+    ) -> torch.Tensor | None:
+        """Training-time ID dropout mask (1 = keep the ID vector), None when there is nothing to drop.
+
+        Applied alike to history tokens, positives and negatives: dropped on positives only, a
+        missing ID would become a sign of the clicked item, and cold items would be over-ranked.
+        """
+        p = self.id_dropout
+        if not self.training or p <= 0 or self.query_tower.id_embedding is None:
+            return None
+        return (torch.rand(shape, generator=generator, device=device) >= p).float()
+
+    def encode_packed(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed rows through the query tower: hidden states (B, T, H) and `h` at every supervised slot (M, D)."""
+        qt = self.query_tower
+        keep = self.id_keep(batch["hist_valid"].shape, batch["hist_valid"].device, generator)
+        hist_tokens = qt.item_tokens(batch["hist_features"], batch.get("hist_buckets"), keep)
+        words = qt.decoder.get_input_embeddings()(batch["block_ids"])
+        words = torch.where(batch["block_is_emb"].unsqueeze(-1), qt.emb_token.to(words.dtype), words)
+        embeds = torch.cat([hist_tokens.to(words.dtype), words], dim=1)
+        hidden = qt.run_packed(embeds, batch["allowed"], batch["position_ids"])
+        return hidden, qt.head(hidden[batch["slot_row"], batch["slot_col"]])
+
     def forward(
         self,
         batch: dict,
@@ -158,66 +207,83 @@ class KarmaModel(nn.Module):
         negative_inputs: dict[str, torch.Tensor] | None = None,
         log_q: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        catalog: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """All loss terms for one batch; `total` is what to backpropagate. Values are tensors.
+        """All loss terms for one packed batch (`Batcher.training_batch`); `total` is what to backpropagate.
 
-        `mode="warmup"` runs the semantic warm-up objective instead (batch: item_inputs, text); it
-        goes through `forward` so that DistributedDataParallel sees it.
+        One decoder pass over the packed rows gives `h` at every supervised [EMB] (M of them) and the
+        L_gen logits of the regularised slots; L_recon and L_img use the regularised slots' `h`.
+        Negatives: `catalog` = {"cols": (N,) item -> pool column, and "inputs" (pool item inputs, run
+        through the item tower now) or "emb" (a no-grad cache)}; else `negatives`/`negative_inputs`
+        (sampled ids and their inputs) with `log_q`. `mode="warmup"` runs the semantic warm-up
+        objective instead (batch: item_inputs, text); it goes through `forward` so that
+        DistributedDataParallel sees it.
         """
         if mode == "warmup":
             loss, acc = self.semantic_warmup_loss(batch["item_inputs"], batch["text"])
             return {"warmup": loss, "warmup_acc": torch.tensor(acc), "total": loss}
         w = self.weights
-        qt = self.query_tower
-        enc = batch["encoder"]
-        text: TextTargets = batch["target_text"]
-        embeds, mask = qt.build_sequence(
-            enc["query_ids"], enc["query_mask"], enc["hist_features"], enc["hist_mask"], enc.get("hist_buckets")
-        )
-        emb_pos = embeds.shape[1] - 1
-        if w.gen > 0:  # append the target text after [EMB]: same pass, causal, h_t unaffected
-            text_embeds = qt.decoder.get_input_embeddings()(text.input_ids).to(embeds.dtype)
-            embeds = torch.cat([embeds, text_embeds], dim=1)
-            mask = torch.cat([mask, text.input_mask.to(mask.dtype)], dim=1)
-        hidden = qt.run_decoder(embeds, mask)
-        h = qt.head(hidden[:, emb_pos])
+        hist_valid = batch["hist_valid"]
+        device = hist_valid.device
+        hidden, h = self.encode_packed(batch, generator)
 
-        pos_emb = self.item_tower(**batch["target_item_inputs"])
-        out: dict[str, torch.Tensor] = {"h": h}
-        if self.loss_config.act == "softmax":
-            neg_emb = self.item_tower(**negative_inputs) if negative_inputs is not None else None
-            out["act"] = sampled_softmax_loss(
-                h, pos_emb, batch["target_items"], neg_emb, negatives, log_q, self.loss_config.temperature
-            )
+        targets = batch["target_items"]
+        pos_inputs = batch["target_item_inputs"]
+        keep_pos = self.id_keep(targets.shape, device, generator)
+        pos_emb = self.item_tower(**pos_inputs, id_keep=keep_pos)
+        scale = self.logit_scale().to(device)
+        out: dict[str, torch.Tensor] = {"h": h, "logit_scale": scale.detach()}
+        if self.loss_config.act == "pairwise":
+            out["act"] = self.pairwise_act(h, pos_emb, targets, batch, scale)
+        elif catalog is not None:
+            pool = catalog.get("emb")
+            if pool is None:  # ID dropout on negatives too: "no ID" must not come to mean "positive"
+                n_pool = catalog["inputs"]["features"].shape[0]
+                pool = self.item_tower(**catalog["inputs"], id_keep=self.id_keep((n_pool,), device, generator))
+            out["act"] = catalog_softmax_loss(h, pool, catalog["cols"][targets], pos_emb, scale)
         else:
-            # The paper's form: exposed-but-unclicked items plus the other rows' positives.
-            exposed = batch["exposed_items"]
-            exposed_emb = self.item_tower(**batch["exposed_inputs"]).view(*exposed.shape, -1)
-            in_neg, in_mask = in_batch_negatives(pos_emb, batch["target_items"])
-            neg = torch.cat([exposed_emb, in_neg], dim=1)
-            neg_mask = torch.cat([batch["exposed_mask"], in_mask], dim=1)
-            out["act"] = pairwise_logistic_loss(h, pos_emb, neg, neg_mask)
+            neg_emb = None
+            if negative_inputs is not None:
+                n_neg = negative_inputs["features"].shape[0]
+                neg_emb = self.item_tower(**negative_inputs, id_keep=self.id_keep((n_neg,), device, generator))
+            out["act"] = sampled_softmax_loss(h, pos_emb, targets, neg_emb, negatives, log_q, 1.0 / scale)
         total = out["act"]
+        reg = batch["reg"]
         if w.gen > 0:
-            out["gen"], _ = self.text_loss(hidden[:, emb_pos:], text.labels)
+            out["gen"], _ = self.text_loss(hidden, batch["gen_labels"])
             total = total + w.gen * out["gen"]
         if w.recon > 0:
-            prefix = self.heads.recon_prefix(h).unsqueeze(1).to(embeds.dtype)
-            out["recon"], acc = self.decode_text_loss(prefix, text)
+            prefix = self.heads.recon_prefix(h[reg]).unsqueeze(1).to(hidden.dtype)
+            out["recon"], acc = self.decode_text_loss(prefix, batch["reg_text"])
             out["recon_acc"] = torch.tensor(acc)
             total = total + w.recon * out["recon"]
         if w.img > 0 and self.heads.visual is not None:
             if self.loss_config.img_condition == "h":
-                cond = h
-            else:  # mean history token: conditions on the history rather than on h_t
-                hist_mask = enc["hist_mask"].unsqueeze(-1).to(hidden.dtype)
-                start = enc["query_ids"].shape[1]
-                hist_hidden = hidden[:, start : start + hist_mask.shape[1]]
-                cond = (hist_hidden * hist_mask).sum(1) / hist_mask.sum(1).clamp(min=1.0)
-            out["img"] = self.heads.visual.loss(batch["target_content"], cond.float(), generator=generator)
+                cond = h[reg]
+            else:  # mean history state of each slot's prefix: conditions on the history rather than on h_t
+                lh = hist_valid.shape[1]
+                sums = (hidden[:, :lh] * hist_valid.unsqueeze(-1).to(hidden.dtype)).cumsum(dim=1)
+                seen = batch["slot_hist"][reg]
+                cond = sums[batch["slot_row"][reg], seen - 1] / seen.unsqueeze(-1).to(hidden.dtype)
+            out["img"] = self.heads.visual.loss(batch["reg_content"], cond.float(), generator=generator)
             total = total + w.img * out["img"]
         out["total"] = total
         return out
+
+    def pairwise_act(
+        self, h: torch.Tensor, pos_emb: torch.Tensor, targets: torch.Tensor, batch: dict, scale: torch.Tensor
+    ) -> torch.Tensor:
+        """The paper's pairwise form: each position's exposed-unclicked items plus every other position's positive."""
+        exposed = batch["exposed_items"]
+        exposed_emb = self.item_tower(**batch["exposed_inputs"]).view(*exposed.shape, -1)
+        s_pos = (h * pos_emb).sum(-1).float()
+        s_exposed = torch.einsum("md,mkd->mk", h, exposed_emb).float()
+        s_batch = (h @ pos_emb.T).float()  # (M, M): in-batch negatives without materialising them
+        batch_mask = targets.unsqueeze(0) != targets.unsqueeze(1)  # accidental hits (and the diagonal) out
+        scores = torch.cat([s_exposed, s_batch], dim=1)
+        mask = torch.cat([batch["exposed_mask"], batch_mask], dim=1)
+        zero = (h.sum() + pos_emb.sum()) * 0.0
+        return pairwise_logistic_from_scores(s_pos, scores, mask, 1.0 / self.loss_config.temperature, zero)
 
 
 def popularity_log_q(split_items: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
