@@ -143,7 +143,10 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     print_stats(compute_stats(dataset), split, cfg)
     typer.echo(f"[5/{steps}] train ({cfg.model.backbone} backbone, preset {cfg.loss.preset}) and evaluate on test")
     result = run_training(cfg)
-    typer.echo(f"      {result['examples_per_second']:.0f} training examples/s; run folder {run_dir(cfg)}")
+    typer.echo(
+        f"      {result['targets']:,} training targets in {result['train_cpu_seconds']:.0f} CPU s "
+        f"({result['targets_per_cpu_second']:.0f}/CPU s); run folder {run_dir(cfg)}"
+    )
     typer.echo(f"[6/{steps}] export the served towers to an ONNX + FAISS bundle and search it")
     bundle_dir = cfg.paths.artifacts / "bundles" / cfg.train.run_name
     _demo_export_and_search(run_dir(cfg) / "checkpoint", bundle_dir, dataset, split)

@@ -269,7 +269,9 @@ class TrainConfig(StrictModel):
     """Optimisation, schedule, checkpoints."""
 
     run_name: str = Field("default", description="Runs go to paths.artifacts/runs/<run_name>.")
-    steps: int = Field(300, ge=1, description="Optimizer steps of the action stage.")
+    steps: int = Field(
+        150, ge=1, description="Optimizer steps of the action stage (each supervises every position of its windows)."
+    )
     targets: Literal["every", "last"] = Field(
         "every",
         description=(
@@ -285,7 +287,14 @@ class TrainConfig(StrictModel):
             "None = train.steps only). The LR schedule still follows train.steps."
         ),
     )
-    batch_size: int = Field(64, ge=1, description="Training examples per micro-batch (per process).")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description=(
+            "Training windows per micro-batch (per process); with train.targets=every each window holds up to "
+            "data.max_history targets (ML-1M: ~44), with last one."
+        ),
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr_backbone: float = Field(3e-4, gt=0.0, description="AdamW learning rate for the LLM backbone.")
     lr_heads: float = Field(1e-3, gt=0.0, description="AdamW learning rate for towers, projector and train-only heads.")

@@ -8,7 +8,7 @@ import pytest
 
 from karma.config import KarmaConfig, config_to_yaml, load_config
 from karma.errors import ConfigError
-from tests.conftest import write
+from tests.conftest import REPO, write
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -105,3 +105,10 @@ def test_install_knobs_are_not_config_keys_and_colon_values_stay_strings() -> No
     )
     assert config.serve.redis_key_prefix == "karma:"
     assert config.serve.redis_url == "redis://r:6379/0"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_config_files_load(path: Path) -> None:
+    """Every profile under configs/ names only real keys with valid values (a typo would be an error)."""
+    config = load_config(path, environ={})
+    assert config.model_dump() != KarmaConfig().model_dump()  # the file changes something

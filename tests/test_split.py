@@ -12,7 +12,7 @@ from karma.config import KarmaConfig
 from karma.errors import DataValidationError
 from training.data.registry import load_dataset
 from training.data.schema import Catalog, Dataset, Interactions
-from training.data.split import split_dataset
+from training.data.split import split_dataset, training_windows
 
 
 def toy_dataset(
@@ -90,3 +90,23 @@ def test_dataset_cache_round_trip(tmp_config: KarmaConfig) -> None:
     np.testing.assert_array_equal(cached.catalog.visual, fresh.catalog.visual)
     np.testing.assert_array_equal(cached.interactions.exposed_items, fresh.interactions.exposed_items)
     assert list(cached.interactions.query) == list(fresh.interactions.query)
+
+
+@pytest.mark.parametrize("max_history", [1, 3, 50])
+def test_every_position_windows_supervise_each_training_target_once(max_history: int) -> None:
+    rng = np.random.default_rng(0)
+    users = [f"u{rng.integers(6)}" for _ in range(60)]
+    ds = toy_dataset(users, rng.integers(0, 10, 60).tolist(), list(range(60)))
+    split = split_dataset(ds, min_history=2, max_history=max_history)
+    windows = training_windows(split, "every", min_history=2)
+    covered = []
+    for start, end, first in zip(windows.starts, windows.ends, windows.first_target, strict=True):
+        assert end - start <= max_history + 1  # a target never sees more than max_history items
+        assert split.seq_users[start] == split.seq_users[end - 1]  # one user per window
+        covered += [p for p in range(start + 1, end) if p >= first]
+    assert sorted(covered) == split.train_pos.tolist()  # every training target exactly once
+    assert windows.n_targets == len(split.train_pos)
+    last = training_windows(split, "last", min_history=2)  # one window per target, its full history
+    assert (last.ends - 1).tolist() == split.train_pos.tolist()
+    for start, end in zip(last.starts, last.ends, strict=True):
+        assert split.seq_items[start : end - 1].tolist() == split.history(end - 1).tolist()

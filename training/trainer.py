@@ -309,11 +309,13 @@ def train(
         result["metrics"] = evaluate_setup(setup, which="test", print_table=True, with_baselines=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
         log.info(
-            "run %s: %d steps in %.1f s (%.1f examples/s); outputs in %s",
+            "run %s: %d steps in %.1f s (%.1f training CPU s, %d targets, %.0f targets per CPU s); outputs in %s",
             t.run_name,
-            total_steps - start_step,
+            last_step - start_step,
             elapsed,
-            result["examples_per_second"],
+            cpu_seconds,
+            targets,
+            result["targets_per_cpu_second"],
             out_dir,
         )
     ctx.stop()

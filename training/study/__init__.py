@@ -273,10 +273,13 @@ def _setup_text(config: Any, runs: dict[str, Any], presets: dict[str, Any]) -> d
     layers = f"first {m.num_layers} layers" if m.num_layers else "all layers"
     model = (
         f"backbone `{m.backbone}` ({layers}), D = {m.embed_dim}, newest {config.data.max_history} history items, "
-        f"text features `{config.features.text_encoder}`, batch {t.batch_size} × {t.grad_accum}, "
+        f"text features `{config.features.text_encoder}`, item IDs `{config.features.item_ids}`, "
+        f"batch {t.batch_size} × {t.grad_accum} windows, targets `{t.targets}` position(s) per window, "
         f"{t.semantic_warmup_steps} semantic warm-up + {t.steps} action steps, AdamW lr {t.lr_backbone:g} "
-        f"(backbone) / {t.lr_heads:g} (rest), L_act = {loss.act} with {loss.sampled_negatives} popularity-sampled "
-        f"+ in-batch negatives{', logQ' if loss.logq_correction else ''}, temperature {loss.temperature:g}, "
+        f"(backbone) / {t.lr_heads:g} (rest), L_act = {loss.act} with negatives `{loss.negatives}` (sampled: "
+        f"{loss.sampled_negatives} popularity-sampled + in-batch{', logQ' if loss.logq_correction else ''}), "
+        f"temperature {loss.temperature:g}{' (learned)' if loss.learn_temperature else ''}, "
+        f"regularizers on {loss.reg_positions} position(s) per window, "
         f"LM softmax over the {loss.lm_vocab} vocabulary, {t.threads} torch thread(s), device {t.device}"
     )
     by_machine: dict[str, list[str]] = {}  # a resumed or adopted study may span machines: say which ran what
