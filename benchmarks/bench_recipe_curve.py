@@ -93,7 +93,12 @@ def run_sasrec(args: argparse.Namespace) -> dict[str, Any]:
     dataset = load_dataset(config, progress=not args.quiet)
     split = split_dataset(dataset, config.data.min_history, config.data.max_history)
     cfg = SASRecConfig(
-        epochs=10_000, max_cpu_seconds=args.budget, threads=args.threads, seed=args.seed, max_len=args.sasrec_max_len
+        epochs=10_000,
+        max_cpu_seconds=args.budget,
+        threads=args.threads,
+        seed=args.seed,
+        max_len=args.sasrec_max_len,
+        patience=args.sasrec_patience,
     )
     started = time.perf_counter()
     model = train_sasrec(dataset, split, cfg, progress=not args.quiet)
@@ -160,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--budget", type=float, default=600.0, help="training CPU-seconds per model")
-    parser.add_argument("--models", nargs="+", default=["tiny"], help="tiny, smollm2:N")
+    parser.add_argument("--models", nargs="*", default=["tiny"], help="tiny, smollm2:N (none: SASRec only)")
     parser.add_argument("--preset", default="action-only")
     parser.add_argument("--no-sasrec", action="store_true")
     parser.add_argument("--sasrec-max-len", type=int, default=50)
+    parser.add_argument("--sasrec-patience", type=int, default=5, help="stop after N epochs without improvement")
     parser.add_argument("--eval-every", type=int, default=100, help="KARMA steps between validations")
     parser.add_argument("--max-steps", type=int, default=100_000, help="LR schedule length (cosine to 10%%)")
     parser.add_argument("--threads", type=int, default=1)
@@ -172,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", type=Path, default=REPO_ROOT / "artifacts")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument(
+        "--include", type=Path, action="append", default=[], help="results.json of earlier runs to draw beside these"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from karma.machine import cpu_model
@@ -181,10 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_karma(spec, args) for spec in args.models]
     if not args.no_sasrec:
         results.append(run_sasrec(args))
-    protocol = results[0].get("protocol", "")
+    for path in args.include:  # e.g. SASRec trained by another process under the same budget
+        results += json.loads(path.read_text())["results"]
+    protocol = next((r["protocol"] for r in results if "protocol" in r), "")
     title = (
         f"{args.dataset}: validation accuracy vs training CPU-seconds ({args.threads} thread(s), {cpu_model()}); "
-        f"budget {args.budget:.0f} s per model"
+        f"budget {args.budget:.0f} s per model (see each row's CPU s)"
     )
     plot(results, title, out / "curve.png")
     report = {"title": title, "protocol": protocol, "budget_cpu_seconds": args.budget, "results": results}

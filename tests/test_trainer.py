@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -67,3 +68,29 @@ def test_two_process_torchrun_on_cpu(tmp_path: Path) -> None:
     state = json.loads((run_dir(config) / CHECKPOINT_DIR / "trainer_state.json").read_text())
     assert state == {"step": 8, "preset": "karma-text", "world_size": 2}
     assert (run_dir(config) / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["loss.act=pairwise"],
+        ["loss.negatives=sampled", "loss.sampled_negatives=64"],
+        ["loss.catalog_refresh_every=3", "loss.learn_temperature=true"],
+        ["train.targets=last"],
+        ["loss.img_condition=history", "features.item_ids=none"],
+    ],
+    ids=["pairwise", "sampled", "cached-catalog-learned-temperature", "single-target", "history-condition-no-ids"],
+)
+def test_training_variants_run_and_log_finite_losses(options: list[str], tmp_path: Path) -> None:
+    config = load_config(overrides=[*tiny_train_overrides(tmp_path), "loss.preset=karma", *options], environ={})
+    result = train(config, progress=False, evaluate_at_end=False)
+    records = [json.loads(line) for line in (run_dir(config) / METRICS_LOG).read_text().splitlines()]
+    action = [r for r in records if r["stage"] == "action"]
+    assert len(action) == config.train.steps
+    for r in action:
+        for key in ("act", "gen", "recon", "img", "total"):
+            assert math.isfinite(r[key]), (key, r)
+    per_window = 1 if config.train.targets == "last" else 2  # every-position windows hold several targets
+    assert result["targets"] >= per_window * config.train.steps * config.train.batch_size
+    if config.loss.learn_temperature:
+        assert action[-1]["logit_scale"] != action[0]["logit_scale"]  # the temperature is learned
