@@ -130,7 +130,7 @@ def plot(results: list[dict[str, Any]], title: str, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
     for ax, metric in zip(axes, ("HR@10", "HR@200"), strict=True):
         for r in results:
             xs = [p["cpu_seconds"] for p in r["curve"]]
@@ -139,9 +139,11 @@ def plot(results: list[dict[str, Any]], title: str, out: Path) -> None:
         ax.set_xlabel("training CPU-seconds (validation not counted)")
         ax.set_ylabel(f"validation {metric} (full ranking)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    rows = (len(labels) + 1) // 2
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 + 0.045 * rows, 1, 0.96))
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
