@@ -230,8 +230,9 @@ class LossConfig(StrictModel):
         ge=1,
         description=(
             "negatives=catalog: 1 = run the item tower over the catalog every step (gradients reach every "
-            "item); N > 1 = score negatives against a no-grad catalog cache rebuilt every N steps (positives "
-            "stay fresh and carry the item tower's gradient), ~N x cheaper on large catalogs."
+            "item); N > 1 = score against a no-grad catalog cache rebuilt every N steps, the batch's clicked "
+            "items fresh in their columns. Measured (synthetic defaults, action-only): N=20 saved 39% of the "
+            "CPU but HR@200 fell 0.7555 -> 0.3395; keep 1 unless the item tower over the catalog dominates."
         ),
     )
     sampled_negatives: int = Field(

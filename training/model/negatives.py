@@ -5,11 +5,14 @@ supervised position against every item that exists at training time: the catalog
 items, which stand for items that arrive after training and so must not be pushed down as
 never-clicked negatives. With `loss.catalog_refresh_every=1` the item tower runs over the pool
 every step, so every item's embedding gets the gradient of being a negative; with N > 1 the
-negatives come from a no-grad cache rebuilt every N steps (positives stay fresh, see
-`catalog_softmax_loss`), which is N times cheaper where the item tower over the pool dominates.
+negatives come from a no-grad cache rebuilt every N steps, with the batch's clicked items embedded
+fresh in their own columns (so they are pushed up as positives and down as negatives), which is
+cheaper where the item tower over the pool dominates.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,7 +50,7 @@ class CatalogNegatives:
         how = "item tower every step" if self.refresh_every == 1 else f"no-grad cache every {self.refresh_every} steps"
         return f"exact softmax over {len(self.pool):,} items ({how})"
 
-    def for_step(self, model: torch.nn.Module, action_step: int) -> dict[str, torch.Tensor]:
+    def for_step(self, model: torch.nn.Module, action_step: int) -> dict[str, Any]:
         """The `catalog` argument of `KarmaModel.forward` for this action step."""
         if self.refresh_every == 1:
             return {"cols": self.cols, "inputs": self.inputs}
@@ -57,4 +60,8 @@ class CatalogNegatives:
                 keep = model.id_keep((len(self.pool),), self.cols.device, None)  # as for fresh negatives
                 self._cache = model.item_tower(**self.inputs, id_keep=keep).detach()
             self._cache_block = block
-        return {"cols": self.cols, "emb": self._cache}
+        return {"cols": self.cols, "emb": self._cache, "item_inputs": self.column_inputs}
+
+    def column_inputs(self, columns: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Item-tower inputs of the pool items in `columns` (fresh embeddings over the cache)."""
+        return {k: v[columns] for k, v in self.inputs.items()}
