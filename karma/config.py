@@ -182,8 +182,8 @@ class ModelConfig(StrictModel):
         ge=0.0,
         lt=1.0,
         description=(
-            "Training only: share of history tokens and positive items whose ID vector is dropped, so the "
-            "towers learn to score content-only (cold) items against ID-carrying ones."
+            "Training only: share of history tokens, positives and negatives whose ID vector is dropped, so "
+            "the towers learn to score content-only (cold) items against ID-carrying ones."
         ),
     )
     center_emb: bool = Field(

@@ -197,9 +197,10 @@ def catalog_softmax_loss(
     one column). With a 3,883-item catalog and 1,600 targets a step this is ~0.8 GFLOP, cheaper than
     one decoder layer; it beat 16 in-batch + 128 sampled negatives by 2-7 HR@200 points on ML-1M.
 
-    `pos_emb` (M, D), when given, replaces each row's target column by `scale · h·pos_emb`: the
-    positive is embedded freshly (with the item tower's gradient, and with training-time ID dropout)
-    while `catalog_emb` may be a no-grad cache refreshed every few steps (`loss.catalog_refresh_every`).
+    `pos_emb` (M, D), when given, replaces each row's target column by `scale · h·pos_emb`: each
+    row's positive with its own training-time ID dropout, independent of the draw the catalog
+    forward made for that item as a negative. Without it the target column of `catalog_emb` is the
+    positive (the cached path of `KarmaModel.forward` writes fresh rows into a no-grad cache).
 
     Args:
         h: (M, D) unit user states (one per supervised position).

@@ -215,7 +215,8 @@ class KarmaModel(nn.Module):
         One decoder pass over the packed rows gives `h` at every supervised [EMB] (M of them) and the
         L_gen logits of the regularised slots; L_recon and L_img use the regularised slots' `h`.
         Negatives: `catalog` = {"cols": (N,) item -> pool column, and "inputs" (pool item inputs, run
-        through the item tower now) or "emb" (a no-grad cache)}; else `negatives`/`negative_inputs`
+        through the item tower now) or "emb" (a no-grad cache) with "item_inputs" (pool columns ->
+        item-tower inputs, for the batch's fresh columns)}; else `negatives`/`negative_inputs`
         (sampled ids and their inputs) with `log_q`. `mode="warmup"` runs the semantic warm-up
         objective instead (batch: item_inputs, text); it goes through `forward` so that
         DistributedDataParallel sees it.
@@ -229,13 +230,15 @@ class KarmaModel(nn.Module):
         hidden, h = self.encode_packed(batch, generator)
 
         targets = batch["target_items"]
-        pos_inputs = batch["target_item_inputs"]
-        keep_pos = self.id_keep(targets.shape, device, generator)
-        pos_emb = self.item_tower(**pos_inputs, id_keep=keep_pos)
         scale = self.logit_scale().to(device)
         out: dict[str, torch.Tensor] = {"h": h, "logit_scale": scale.detach()}
+
+        def positives() -> torch.Tensor:  # fresh embeddings of each slot's clicked item (its own ID dropout)
+            keep = self.id_keep(targets.shape, device, generator)
+            return self.item_tower(**batch["target_item_inputs"], id_keep=keep)
+
         if self.loss_config.act == "pairwise":
-            out["act"] = self.pairwise_act(h, pos_emb, targets, batch, scale)
+            out["act"] = self.pairwise_act(h, positives(), targets, batch, scale)
         elif catalog is not None:
             cols = catalog["cols"][targets]
             if "emb" in catalog:
@@ -250,10 +253,12 @@ class KarmaModel(nn.Module):
                 pool = catalog["emb"].index_copy(0, unique, fresh.to(catalog["emb"].dtype))
                 out["act"] = catalog_softmax_loss(h, pool, cols, None, scale)
             else:  # ID dropout on negatives too: "no ID" must not come to mean "positive"
+                pos_emb = positives()
                 n_pool = catalog["inputs"]["features"].shape[0]
                 pool = self.item_tower(**catalog["inputs"], id_keep=self.id_keep((n_pool,), device, generator))
                 out["act"] = catalog_softmax_loss(h, pool, cols, pos_emb, scale)
         else:
+            pos_emb = positives()
             neg_emb = None
             if negative_inputs is not None:
                 n_neg = negative_inputs["features"].shape[0]

@@ -158,7 +158,7 @@ class ItemTower(nn.Module):
 
 
 def id_table(rows: int, width: int) -> nn.Embedding | None:
-    """The item-ID table, zero-initialised (`init_id_tables` may give it a std).
+    """The item-ID table, zero-initialised (`init_id_table` sets the training start).
 
     Zero start: an item that training never reaches (a cold item's row 0, an item seen only at
     test time) keeps a zero ID vector, so it is scored from its content alone, and the ID cannot
