@@ -42,10 +42,10 @@ from karma.bundle import (
     OnnxInfo,
     TokenizerInfo,
     TrainingInfo,
-    content_hash,
     file_entries,
     load_bundle,
     open_session,
+    write_manifest,
 )
 from karma.config import KarmaConfig, load_config
 from karma.errors import KarmaError
@@ -272,7 +272,7 @@ def export_checkpoint(
         tok = setup.backbone.tokenizer
         manifest = Manifest(
             schema_version=SCHEMA_VERSION,
-            model_version=content_hash(files),
+            model_version="",  # signed by write_manifest
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             dims=Dims(feature_dim=features.layout.dim, embed_dim=config.model.embed_dim, hidden=towers.hidden),
             max_query_tokens=config.model.max_query_tokens,
@@ -312,8 +312,8 @@ def export_checkpoint(
                 towers, features.matrix, tok.vocab_size, config.model.max_query_tokens, config.data.max_history
             ),
         )
-        (staging / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
-        load_bundle(staging)  # never publish a bundle the loader would refuse
+        write_manifest(staging, manifest)
+        manifest = load_bundle(staging).manifest  # never publish a bundle the loader would refuse
         old = out_dir.with_name(f"{out_dir.name}.old{os.getpid()}")
         if out_dir.exists():
             out_dir.rename(old)

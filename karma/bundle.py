@@ -35,7 +35,7 @@ from karma.contracts import FeatureLayout
 from karma.errors import KarmaError
 from karma.tokenization import TOKENIZER_FILE, TOKENIZER_META_FILE, TextTokenizer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: model_version signs the whole manifest, not only the files
 
 MANIFEST_FILE = "manifest.json"
 QUERY_ENCODER_FILE = "query_encoder.onnx"
@@ -153,7 +153,9 @@ class TrainingInfo(_Strict):
 
 class Manifest(_Strict):
     schema_version: int
-    model_version: str = Field(description="Content hash (sha256 over every file's name and sha256), 16 hex.")
+    model_version: str = Field(
+        description="sha256 of the rest of this manifest (which lists every file's sha256), 16 hex: manifest_version."
+    )
     created_at: str
     dims: Dims
     max_query_tokens: int
@@ -187,12 +189,25 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def content_hash(files: dict[str, FileEntry]) -> str:
-    """The model version: a hash of every file's name and checksum (order-independent), 16 hex."""
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(f"{name}\0{files[name].sha256}\n".encode())
-    return digest.hexdigest()[:16]
+def manifest_version(manifest: dict[str, Any]) -> str:
+    """The model version: sha256 of the whole manifest but its `model_version` (canonical JSON), 16 hex.
+
+    The manifest lists every file's sha256, so this covers every byte served *and* every setting the
+    manifest itself carries (max_history, dims, index parameters, ...): an edited manifest is a new
+    version or, if not re-signed, a refused bundle — never the old version with new behaviour.
+    """
+    body = {key: value for key, value in manifest.items() if key != "model_version"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_manifest(directory: Path, manifest: Manifest | dict[str, Any]) -> str:
+    """Sign (`model_version` = `manifest_version`) and write manifest.json; returns the version."""
+    raw = manifest.model_dump(mode="json") if isinstance(manifest, Manifest) else dict(manifest)
+    raw = json.loads(json.dumps(raw))  # exactly what a reader will parse back
+    raw["model_version"] = manifest_version(raw)
+    (Path(directory) / MANIFEST_FILE).write_text(json.dumps(raw, indent=2), encoding="utf-8")
+    return str(raw["model_version"])
 
 
 def file_entries(directory: Path, names: list[str]) -> dict[str, FileEntry]:
@@ -354,10 +369,20 @@ def read_manifest(directory: Path) -> Manifest:
             f"{SCHEMA_VERSION}; re-export the checkpoint with this version"
         )
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
         raise KarmaError(f"{where}: {MANIFEST_FILE} does not fit schema version {SCHEMA_VERSION}: {problems}") from None
+    try:
+        signed = manifest_version(raw)
+    except ValueError as exc:  # NaN / infinity in the JSON
+        raise KarmaError(f"{where}: {MANIFEST_FILE} holds a value JSON cannot carry ({exc})") from None
+    if signed != manifest.model_version:
+        raise KarmaError(
+            f"{where}: model_version {manifest.model_version} is not the hash of the manifest ({signed}): "
+            "the manifest was edited after export"
+        )
+    return manifest
 
 
 def _check_files(directory: Path, manifest: Manifest, verify_checksums: bool, where: str) -> None:
@@ -381,11 +406,6 @@ def _check_files(directory: Path, manifest: Manifest, verify_checksums: bool, wh
         for name, entry in manifest.files.items():
             if sha256_file(directory / name) != entry.sha256:
                 raise KarmaError(f"{where}: {name} does not match its sha256 in the manifest (changed or corrupt)")
-    if content_hash(manifest.files) != manifest.model_version:
-        raise KarmaError(
-            f"{where}: model_version {manifest.model_version} is not the content hash of the listed files "
-            f"({content_hash(manifest.files)}); the manifest was edited"
-        )
 
 
 def _load_npy(path: Path, dtype: str, shape: tuple[int, ...], what: str, where: str) -> np.ndarray:

@@ -397,8 +397,35 @@ class ServeConfig(StrictModel):
     redis_timeout_s: float = Field(
         0.5, gt=0.0, description="Connect and command timeout for Redis; a slower Redis counts as down."
     )
+    redis_health_check_s: float = Field(
+        5.0,
+        ge=0.0,
+        description=(
+            "A pooled Redis connection idle this long is pinged before reuse (0 = never), so connections a "
+            "Redis restart closed are replaced before a request needs them."
+        ),
+    )
+    history_max_events: int = Field(
+        200,
+        ge=1,
+        le=100_000,
+        description=(
+            "Clicks kept per user in Redis (oldest dropped). A service setting, independent of the bundle: a "
+            "reload never trims stored histories; the model reads the newest max_history it needs."
+        ),
+    )
+    event_id_ttl_s: int = Field(
+        86_400,
+        ge=1,
+        description="How long an event id is remembered, so a client retrying POST /events with it records one click.",
+    )
     ready_requires_redis: bool = Field(
-        True, description="/readyz fails while Redis is down (searches that carry a history still work)."
+        False,
+        description=(
+            "/readyz fails while Redis is down. Off by default: a replica without Redis still serves searches "
+            "that carry a history or a query (by-user searches fall back to the query, flagged `degraded`), so "
+            "taking every replica out of rotation would serve less; /readyz reports Redis in `checks.redis`."
+        ),
     )
     drain_timeout_s: float = Field(
         10.0, ge=0.0, description="On shutdown, wait this long for in-flight requests before stopping."

@@ -1,11 +1,20 @@
-"""Per-user click histories in Redis: one list per user, oldest first, bounded to the model's max_history.
+"""Per-user click histories in Redis: one list per user, oldest first, bounded by `serve.history_max_events`.
 
 Key: `<serve.redis_key_prefix>hist:<user_id>`; entries are `"<unix seconds>|<item_id>"` (the item
-id may itself contain `|`: only the first one splits). An append is one MULTI/EXEC transaction
-(RPUSH + LTRIM), so concurrent events for one user never leave the list over its bound.
+id may itself contain `|`: only the first one splits). The stored bound is a service setting, not
+the model's input length: a reload to a bundle with a shorter `max_history` never trims what is
+stored (the model reads the newest N it needs), so rolling back restores the longer view.
 
-Every Redis failure (refused, timeout, protocol) becomes `RedisUnavailable` and is counted; the
-client reconnects by itself on the next command, so the service recovers when Redis returns.
+An append is one Lua script (atomic on the server): `SET NX` of the event's id under
+`<prefix>evt:<user_id>:<event_id>` (expiring after `serve.event_id_ttl_s`), and only if that id is
+new, RPUSH + LTRIM. A client that retries a click whose answer it did not get (a timeout, a 503 from
+a frozen Redis) sends the same `event_id` and the click is stored once; events without a client id
+get a fresh one, so the client library's own retry after a lost reply cannot double them either.
+
+Every Redis failure (refused, timeout, protocol) becomes `RedisUnavailable` and is counted. Pooled
+connections that Redis closed (a restart) are retried once on a fresh connection (the asyncio
+`Retry`; the synchronous one, passed to the asyncio client, silently never retried) and pinged
+before reuse after `serve.redis_health_check_s` idle, so a Redis restart costs no request.
 """
 
 from __future__ import annotations
@@ -13,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.retry import Retry
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger("karma.service")
 
@@ -31,6 +43,25 @@ class RedisUnavailable(Exception):
 class Event:
     item_id: str
     timestamp: float
+
+
+# KEYS[1] history list, KEYS[2] event-id marker; ARGV: entry, max events, id TTL seconds.
+# Returns {stored length, 1 if the event id was seen before (nothing appended) else 0}.
+_APPEND_ONCE = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', tonumber(ARGV[3])) then
+  return {redis.call('LLEN', KEYS[1]), 1}
+end
+local n = redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+return {math.min(n, tonumber(ARGV[2])), 0}
+"""
+
+
+@dataclass(frozen=True)
+class Appended:
+    length: int  # the user's stored history length after this event
+    duplicate: bool  # the event id was already recorded: nothing was appended
+    event_id: str
 
 
 def _encode(item_id: str, timestamp: float) -> str:
@@ -67,22 +98,36 @@ def _reason(exc: BaseException) -> str:
 
 
 class HistoryStore:
-    def __init__(self, url: str, key_prefix: str, timeout_s: float, on_error: object | None = None):
+    def __init__(
+        self,
+        url: str,
+        key_prefix: str,
+        timeout_s: float,
+        on_error: object | None = None,
+        health_check_s: float = 5.0,
+        event_id_ttl_s: int = 86_400,
+    ):
         self.url = url
         self.key_prefix = key_prefix
         self.timeout_s = timeout_s
+        self.event_id_ttl_s = event_id_ttl_s
         self._on_error = on_error  # a prometheus Counter (inc) or None
         self.client = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 1),  # one immediate retry: survives a stale pooled connection
-            health_check_interval=0,
+            # One immediate retry on a new connection: a pooled connection that Redis closed fails once.
+            retry=Retry(NoBackoff(), 1, (RedisConnectionError, RedisTimeoutError)),
+            health_check_interval=health_check_s,
         )
+        self._append_once = self.client.register_script(_APPEND_ONCE)
         self.last_error: str | None = None
 
     def key(self, user_id: str) -> str:
         return f"{self.key_prefix}hist:{user_id}"
+
+    def event_key(self, user_id: str, event_id: str) -> str:
+        return f"{self.key_prefix}evt:{user_id}:{event_id}"
 
     def _failed(self, exc: BaseException) -> RedisUnavailable:
         self.last_error = _reason(exc)
@@ -100,18 +145,15 @@ class HistoryStore:
         self.last_error = None
         return result
 
-    async def append(self, user_id: str, item_id: str, timestamp: float, max_history: int) -> int:
-        """Append one click and trim to the newest `max_history`; returns the stored length."""
-        key = self.key(user_id)
-
-        async def run() -> int:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.rpush(key, _encode(item_id, timestamp))
-                pipe.ltrim(key, -max_history, -1)
-                pushed, _ = await pipe.execute()
-            return min(int(pushed), max_history)
-
-        return await self._guard(run())
+    async def append(
+        self, user_id: str, item_id: str, timestamp: float, max_events: int, event_id: str | None = None
+    ) -> Appended:
+        """Append one click (once per `event_id`) and trim to the newest `max_events`."""
+        event_id = event_id or uuid.uuid4().hex
+        keys = [self.key(user_id), self.event_key(user_id, event_id)]
+        args = [_encode(item_id, timestamp), max_events, self.event_id_ttl_s]
+        length, seen = await self._guard(self._append_once(keys=keys, args=args))
+        return Appended(int(length), bool(seen), event_id)
 
     async def read(self, user_id: str, max_history: int) -> list[Event]:
         entries = await self._guard(self.client.lrange(self.key(user_id), -max_history, -1))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -93,3 +94,68 @@ def karma_serve(
             except subprocess.TimeoutExpired:
                 proc.kill()
             delete_prefix(redis_url, prefix)
+
+
+class LocalRedis:
+    """A throwaway `redis-server` on a free loopback port (no persistence), for fault drills.
+
+    Tests and the chaos benchmark kill (`kill`), restart (`start` again, same port) and freeze
+    (`freeze`/`thaw`: SIGSTOP/SIGCONT) this one, never the shared Redis at 6379.
+    """
+
+    def __init__(self, port: int | None = None):
+        import shutil
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise KarmaError("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 10.0) -> LocalRedis:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(redis.RedisError):
+                if redis.Redis.from_url(self.url, socket_timeout=0.5).ping():
+                    return self
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise KarmaError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL (what a crash or an OOM kill does): every client connection breaks."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def freeze(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def __enter__(self) -> LocalRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

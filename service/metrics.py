@@ -56,6 +56,11 @@ class Metrics:
         self.redis_errors = Counter(
             "karma_redis_errors_total", "Redis commands that failed (down, timeout, protocol).", registry=r
         )
+        self.degraded = Counter(
+            "karma_degraded_searches_total",
+            "By-user searches answered from the query alone because the stored history could not be read.",
+            registry=r,
+        )
         self.reloads = Counter(
             "karma_reloads_total",
             "Hot reloads (POST /admin/reload) by outcome: success, rejected (bad bundle), failed (other).",

@@ -76,7 +76,9 @@ def _user_id(user_id: str) -> str:
 async def search(body: SearchRequest, request: Request) -> Response:
     """Encode (query, history) into h_t with the ONNX query tower (micro-batched), then FAISS top-k.
 
-    Without `history`, the user's history is read from Redis by `user_id` (503 if Redis is down).
+    Without `history`, the user's history is read from Redis by `user_id`. If Redis is down, a request
+    with a query is ranked by the query alone (`degraded: true`, with `degraded_reason`); one without a
+    query gets 503 `redis_unavailable`.
     Stage timings come back in `timings_ms` and as `X-<Stage>-Time` headers (milliseconds).
     """
     # Valid requests normally take service.fastpath (same model, same code below, no FastAPI
@@ -101,13 +103,19 @@ async def run_search(svc: ServiceState, body: SearchRequest, started: float) -> 
 
     t = time.perf_counter()
     from_redis = body.history is None and body.user_id is not None
+    degraded: str | None = None
     if body.history is not None:
         ids: list[str] = body.history
     elif body.user_id is not None:
         try:
             ids = await svc.history.read_item_ids(body.user_id, engine.max_history)
         except RedisUnavailable as exc:
-            raise _redis_down(svc, exc) from None
+            if not query:
+                raise _redis_down(svc, exc) from None
+            # The query alone still finds something relevant: serve it, and say the history was missing.
+            ids, from_redis = [], False
+            degraded = f"user history unavailable (Redis: {exc}); ranked by the query alone"
+            svc.metrics.degraded.inc()
     else:
         ids = []
     history_s = time.perf_counter() - t
@@ -179,7 +187,10 @@ async def run_search(svc: ServiceState, body: SearchRequest, started: float) -> 
         "history_truncated": truncated,
         "unknown_items": list(unknown),
         "batch_size": result.batch_size,
+        "degraded": degraded is not None,
     }
+    if degraded is not None:
+        payload["degraded_reason"] = degraded
     headers = {f"X-{stage.capitalize()}-Time": f"{value:.3f}" for stage, value in timings.items()}
     headers["Server-Timing"] = ", ".join(f"{stage};dur={value:.3f}" for stage, value in timings.items())
     headers["X-Model-Version"] = engine.model_version
@@ -188,21 +199,31 @@ async def run_search(svc: ServiceState, body: SearchRequest, started: float) -> 
 
 @router.post("/events", response_model=EventResponse, responses=ERROR_RESPONSES, summary="Record a click")
 async def post_event(body: EventRequest, request: Request) -> Response:
-    """Append a click to the user's history in Redis (atomic RPUSH + LTRIM to the model's max_history).
+    """Append a click to the user's history in Redis (atomic; the oldest beyond `serve.history_max_events` dropped).
 
-    The item must be in the served catalog (422 `unknown_items` otherwise).
+    The item must be in the served catalog (422 `unknown_items` otherwise). Send an `event_id` to make
+    retries safe: a second event with the same id (within `serve.event_id_ttl_s`) stores nothing and
+    answers `duplicate: true`.
     """
     svc = _svc(request)
     engine, _ = svc.serving()
     if body.item_id not in engine.row_of:
         raise ServiceError(422, "unknown_items", f"item {body.item_id!r} is not in the catalog", "item_id")
     try:
-        length = await svc.history.append(
-            body.user_id, body.item_id, body.epoch_seconds(time.time()), engine.max_history
+        stored = await svc.history.append(
+            body.user_id, body.item_id, body.epoch_seconds(time.time()), svc.config.history_max_events, body.event_id
         )
     except RedisUnavailable as exc:
         raise _redis_down(svc, exc) from None
-    return json_response({"user_id": body.user_id, "item_id": body.item_id, "history_length": length})
+    return json_response(
+        {
+            "user_id": body.user_id,
+            "item_id": body.item_id,
+            "history_length": stored.length,
+            "event_id": stored.event_id,
+            "duplicate": stored.duplicate,
+        }
+    )
 
 
 @router.get(
@@ -214,11 +235,18 @@ async def get_history(user_id: UserIdPath, request: Request) -> Response:
     engine, _ = svc.serving()
     user_id = _user_id(user_id)
     try:
-        events = await svc.history.read(user_id, engine.max_history)
+        events = await svc.history.read(user_id, svc.config.history_max_events)
     except RedisUnavailable as exc:
         raise _redis_down(svc, exc) from None
     items = [{"item_id": e.item_id, "timestamp": e.timestamp} for e in events]
-    return json_response({"user_id": user_id, "items": items, "max_history": engine.max_history})
+    return json_response(
+        {
+            "user_id": user_id,
+            "items": items,
+            "max_events": svc.config.history_max_events,
+            "max_history": engine.max_history,
+        }
+    )
 
 
 @router.delete("/users/{user_id}/history", responses=ERROR_RESPONSES, summary="Forget a user's clicks")

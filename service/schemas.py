@@ -209,6 +209,10 @@ class SearchResponse(_Strict):
     history_truncated: int = Field(description="Known history items left out because the history was too long.")
     unknown_items: list[str] = Field(description="History item ids the bundle does not know (skipped), in order.")
     batch_size: int = Field(description="Requests encoded together with this one (micro-batching).")
+    degraded: bool = Field(
+        False, description="True when the user's stored history could not be read (Redis down): query alone."
+    )
+    degraded_reason: str | None = Field(None, description="Why the answer is degraded (only when `degraded`).")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -229,6 +233,7 @@ class SearchResponse(_Strict):
                     "history_truncated": 0,
                     "unknown_items": [],
                     "batch_size": 1,
+                    "degraded": False,
                 }
             ]
         },
@@ -243,16 +248,33 @@ class EventRequest(_Strict):
     timestamp: Timestamp | None = Field(
         None, description="When it happened: ISO 8601 or Unix seconds (default: now). Stored, not re-ordered."
     )
+    event_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_ID_CHARS,
+        description=(
+            "Idempotency key: a retry with the same id (within serve.event_id_ttl_s) records nothing and answers "
+            "`duplicate: true`. Default: a fresh id per request (then a client's retry is a new click)."
+        ),
+        json_schema_extra={"pattern": ID_PATTERN},
+    )
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"user_id": "u42", "item_id": "i0000012", "timestamp": 1767225600.0}]},
+        json_schema_extra={
+            "examples": [{"user_id": "u42", "item_id": "i0000012", "timestamp": 1767225600.0, "event_id": "c-7f3a9e01"}]
+        },
     )
 
     @field_validator("user_id", "item_id")
     @classmethod
     def _ids(cls, value: str) -> str:
         return check_id(value)
+
+    @field_validator("event_id")
+    @classmethod
+    def _event_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_id(value, "event_id")
 
     def epoch_seconds(self, now: float) -> float:
         return now if self.timestamp is None else self.timestamp
@@ -262,6 +284,8 @@ class EventResponse(_Strict):
     user_id: str
     item_id: str
     history_length: int = Field(description="Length of the user's stored history after this event.")
+    event_id: str = Field(description="The event's id (the client's, or a fresh one).")
+    duplicate: bool = Field(description="True when this event id was already recorded: nothing was appended.")
 
 
 class HistoryItem(_Strict):
@@ -272,7 +296,8 @@ class HistoryItem(_Strict):
 class HistoryResponse(_Strict):
     user_id: str
     items: list[HistoryItem] = Field(description="Oldest first.")
-    max_history: int = Field(description="How many events are kept per user (the model's max_history).")
+    max_events: int = Field(description="How many events are kept per user (serve.history_max_events).")
+    max_history: int = Field(description="How many of the newest the served model reads (the bundle's max_history).")
 
 
 class ErrorBody(_Strict):

@@ -44,7 +44,12 @@ class ServiceState:
         self.engine: Engine | None = None
         self.batcher: MicroBatcher | None = None
         self.history: HistoryStore = HistoryStore(
-            config.redis_url, config.redis_key_prefix, config.redis_timeout_s, metrics.redis_errors
+            config.redis_url,
+            config.redis_key_prefix,
+            config.redis_timeout_s,
+            metrics.redis_errors,
+            config.redis_health_check_s,
+            config.event_id_ttl_s,
         )
         self.providers: list[str] = []
         self.bundle_path: Path | None = config.bundle
@@ -113,6 +118,12 @@ class ServiceState:
         """Make `engine` the one new requests get (no await inside: atomic for the event loop)."""
         self.engine = engine
         self.bundle_path = directory
+        if engine.max_history > self.config.history_max_events:
+            log.warning(
+                "bundle reads up to %d history items but serve.history_max_events keeps %d per user",
+                engine.max_history,
+                self.config.history_max_events,
+            )
         self.loaded_at = time.time()
         self.metrics.set_model(
             engine.model_version,

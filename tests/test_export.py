@@ -28,6 +28,7 @@ from karma.bundle import (
     QUERY_ENCODER_FILE,
     SCHEMA_VERSION,
     load_bundle,
+    write_manifest,
 )
 from karma.cli import app
 from karma.config import load_config
@@ -149,10 +150,14 @@ def test_served_towers_are_built_without_heads(exported: dict) -> None:
 # ---- bundle validation ------------------------------------------------------------------------------
 
 
-def _edit_manifest(bundle: Path, edit) -> None:
+def _edit_manifest(bundle: Path, edit, sign: bool = True) -> None:
+    """Edit manifest.json; re-signed (a self-consistent manifest that later checks must catch) unless sign=False."""
     data = json.loads((bundle / MANIFEST_FILE).read_text())
     edit(data)
-    (bundle / MANIFEST_FILE).write_text(json.dumps(data))
+    if sign:
+        write_manifest(bundle, data)
+    else:
+        (bundle / MANIFEST_FILE).write_text(json.dumps(data))
 
 
 def _flip_byte(path: Path) -> None:
@@ -176,6 +181,10 @@ TAMPERS = {
         "n_items x dims.embed_dim",
     ),
     "no manifest": (lambda b: (b / MANIFEST_FILE).unlink(), "no manifest.json"),
+    "edited, not re-signed": (
+        lambda b: _edit_manifest(b, lambda m: m.update(max_history=4096), sign=False),
+        "the manifest was edited after export",
+    ),
 }
 
 

@@ -176,16 +176,19 @@ def test_search_by_user_id_reads_the_history_stored_by_events(bundle_dir: Path, 
     max_history = reference["bundle"].manifest.max_history
     clicks = [items[(7 * i) % len(items)] for i in range(max_history + 3)]
 
+    kept = max_history + 2  # the service stores more than this model reads (serve.history_max_events)
+
     async def scenario() -> None:
-        async with serving(bundle_dir, prefix) as (_, client):
+        async with serving(bundle_dir, prefix, history_max_events=kept) as (_, client):
             for n, item in enumerate(clicks, 1):
                 r = await client.post("/events", json={"user_id": "alice", "item_id": item, "timestamp": 1000.0 + n})
                 assert r.status_code == 200, r.text
-                assert r.json()["history_length"] == min(n, max_history)
+                assert r.json()["history_length"] == min(n, kept) and r.json()["duplicate"] is False
             r = await client.get("/users/alice/history")
             stored = r.json()
-            assert [e["item_id"] for e in stored["items"]] == clicks[-max_history:]  # newest N, oldest first
-            assert stored["items"][-1]["timestamp"] == 1000.0 + len(clicks) and stored["max_history"] == max_history
+            assert [e["item_id"] for e in stored["items"]] == clicks[-kept:]  # newest N, oldest first
+            assert stored["items"][-1]["timestamp"] == 1000.0 + len(clicks)
+            assert stored["max_history"] == max_history and stored["max_events"] == kept
             # ISO timestamps and a default "now" are accepted too.
             r = await client.post(
                 "/events", json={"user_id": "bob", "item_id": items[1], "timestamp": "2026-01-01T00:00:00Z"}
@@ -199,6 +202,18 @@ def test_search_by_user_id_reads_the_history_stored_by_events(bundle_dir: Path, 
             assert by_user["history_used"] == max_history and by_user["timings_ms"]["history"] > 0
             assert [i["item_id"] for i in by_user["items"]] == [i["item_id"] for i in explicit["items"]][:15]
             assert_same_ranking(by_user, *direct_search(reference, "lamp", clicks[-max_history:], 15, True))
+
+            # A retried event id stores one click, however often it is sent.
+            event = {"user_id": "dora", "item_id": items[3], "event_id": "click-0001"}
+            first = (await client.post("/events", json=event)).json()
+            again = [(await client.post("/events", json=event)).json() for _ in range(3)]
+            assert first["duplicate"] is False and first["event_id"] == "click-0001"
+            assert all(a["duplicate"] is True and a["history_length"] == 1 for a in again)
+            other = (await client.post("/events", json={**event, "event_id": "click-0002"})).json()
+            assert other["duplicate"] is False and other["history_length"] == 2
+            no_id = [(await client.post("/events", json={"user_id": "dora", "item_id": items[3]})).json() for _ in "ab"]
+            assert [a["history_length"] for a in no_id] == [3, 4] and no_id[0]["event_id"] != no_id[1]["event_id"]
+            assert_error(await client.post("/events", json={**event, "event_id": ""}), 422, field="event_id")
 
             # A user without history and without a query has nothing to search with.
             assert_error(await client.post("/search", json={"user_id": "nobody"}), 422, "no_history", "query")
@@ -418,7 +433,16 @@ def test_redis_down_history_searches_still_work(bundle_dir: Path, reference: dic
             r = await client.post("/search", json={"query": "shoes", "k": 3})  # no history needed at all
             assert r.status_code == 200
 
-            r = await client.post("/search", json={"user_id": "u1", "query": "shoes"})
+            # By user with a query: the query alone, flagged degraded (the same ranking as a query-only search).
+            r = await client.post("/search", json={"user_id": "u1", "query": "shoes", "k": 5})
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert got["degraded"] is True and "Redis" in got["degraded_reason"] and got["history_used"] == 0
+            plain = (await client.post("/search", json={"query": "shoes", "k": 5})).json()
+            assert plain["degraded"] is False and "degraded_reason" not in plain
+            assert [i["item_id"] for i in got["items"]] == [i["item_id"] for i in plain["items"]]
+            # By user without a query: nothing to rank with.
+            r = await client.post("/search", json={"user_id": "u1"})
             body = assert_error(r, 503, "redis_unavailable")
             assert "Redis" in body["error"] and r.headers["Retry-After"] == "1"
             assert_error(
@@ -426,15 +450,23 @@ def test_redis_down_history_searches_still_work(bundle_dir: Path, reference: dic
             )
             assert_error(await client.get("/users/u1/history"), 503, "redis_unavailable")
 
+            # Readiness reflects what the replica serves (everything but stored histories); Redis is reported.
             r = await client.get("/readyz")
-            body = assert_error(r, 503, "not_ready")
-            assert "redis" in body["error"].lower()
-            assert body["checks"]["redis"]["ok"] is False and body["checks"]["encoder"]["ok"] is True
+            assert r.status_code == 200, r.text
+            assert r.json()["checks"]["redis"]["ok"] is False and r.json()["checks"]["encoder"]["ok"] is True
             assert (await client.get("/healthz")).status_code == 200
 
             samples = metric_samples((await client.get("/metrics")).text)
             assert sample(samples, "karma_redis_errors_total") >= 4
             assert sample(samples, "karma_rejected_total", reason="redis_unavailable") == 3
+            assert sample(samples, "karma_degraded_searches_total") == 1
+
+        # An operator who wants Redis-less replicas out of rotation says so.
+        async with serving(
+            bundle_dir, prefix, redis_url=DEAD_REDIS_URL, redis_timeout_s=0.2, ready_requires_redis=True
+        ) as (_, client):
+            body = assert_error(await client.get("/readyz"), 503, "not_ready")
+            assert "redis" in body["error"].lower() and body["checks"]["redis"]["required"] is True
 
     run(scenario())
 
@@ -726,11 +758,12 @@ def test_service_recovers_by_itself_when_redis_comes_back(bundle_dir: Path, refe
             assert_error(await client.post("/events", json=event), 503, "redis_unavailable")
             assert_error(await client.post("/search", json={"user_id": "carol"}), 503, "redis_unavailable")
             assert (await client.post("/search", json={"history": [items[9]]})).status_code == 200
-            body = assert_error(await client.get("/readyz"), 503, "not_ready")
-            assert body["checks"]["redis"]["ok"] is False
+            r = await client.get("/readyz")
+            assert r.status_code == 200 and r.json()["checks"]["redis"]["ok"] is False
 
             await proxy.up()  # ... and comes back: no restart of the service needed
-            assert (await client.get("/readyz")).status_code == 200
+            r = await client.get("/readyz")
+            assert r.status_code == 200 and r.json()["checks"]["redis"]["ok"] is True
             assert (await client.post("/events", json=event)).json()["history_length"] == 2
             r = await client.post("/search", json={"user_id": "carol", "k": 3})
             assert r.status_code == 200 and r.json()["history_used"] == 2

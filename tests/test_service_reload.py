@@ -22,7 +22,7 @@ import httpx
 import pytest
 import redis
 
-from karma.bundle import MANIFEST_FILE, content_hash, file_entries, load_bundle
+from karma.bundle import MANIFEST_FILE, file_entries, load_bundle, write_manifest
 from karma.config import config_to_yaml, load_config
 from service.app import create_app
 from service.launcher import free_port, wait_ready
@@ -223,8 +223,7 @@ def _rewrite_manifest(bundle: Path) -> None:
     manifest = json.loads(path.read_text())
     entries = file_entries(bundle, list(manifest["files"]))
     manifest["files"] = {name: e.model_dump() for name, e in entries.items()}
-    manifest["model_version"] = content_hash(entries)
-    path.write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)
 
 
 def broken_bundles(good: Path, root: Path) -> list[tuple[str, Path, str]]:
