@@ -175,11 +175,26 @@ class HistoryStore:
             await self.client.aclose()
 
     def describe(self) -> str:
-        """The URL without a password (for /info and logs)."""
-        from urllib.parse import urlsplit, urlunsplit
+        """The URL with every credential masked (user:password@, ?password=...), for /info and logs."""
+        return mask_url(self.url)
 
-        parts = urlsplit(self.url)
-        if parts.password:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-            return urlunsplit(parts._replace(netloc=netloc))
-        return self.url
+
+_SECRET_PARAMS = {"password", "pass", "pwd", "token", "secret", "auth", "key"}
+
+
+def mask_url(url: str) -> str:
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:***@{host}" if ":" in userinfo else f"***@{host}"
+    query = parts.query
+    if query:
+        pairs = [(k, "***" if k.lower() in _SECRET_PARAMS else v) for k, v in parse_qsl(query, keep_blank_values=True)]
+        query = urlencode(pairs, safe="*")
+    # Built by hand: urlunsplit drops the empty authority of unix:///path URLs.
+    text = f"{parts.scheme}://{netloc}{parts.path}" if "://" in url else urlunsplit(parts._replace(query=""))
+    return text + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")

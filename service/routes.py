@@ -261,6 +261,7 @@ async def delete_history(user_id: UserIdPath, request: Request) -> Response:
     return json_response({"user_id": user_id, "deleted": deleted})
 
 
+@router.head("/healthz", include_in_schema=False)  # load balancers probe with HEAD
 @router.get("/healthz", summary="Liveness")
 async def healthz() -> dict[str, str]:
     """200 while the process runs (readiness is /readyz)."""

@@ -167,7 +167,7 @@ class ServiceState:
             self._reloading = False
             self.metrics.reloads.labels(outcome=outcome).inc()
             self.metrics.reload_duration.observe(seconds)
-            self.last_reload = {"at": time.time(), "outcome": outcome, "bundle": str(target), "seconds": seconds}
+            self.last_reload = {"at": time.time(), "outcome": outcome, "bundle": target.name, "seconds": seconds}
         log.info(
             "reloaded: now serving %s (model %s, was %s) after %.2f s",
             target,
@@ -249,7 +249,7 @@ class ServiceState:
         config = self.config
         out: dict[str, Any] = {
             "ready": self.ready and not self.draining,
-            "bundle": str(self.bundle_path),
+            "bundle": self.bundle_path.name if self.bundle_path is not None else None,  # no server paths
             "loaded_at": self.loaded_at,
             "last_reload": self.last_reload,
             "admin_enabled": config.admin_api_key is not None,

@@ -164,7 +164,7 @@ def test_reload_under_concurrent_load_loses_no_request(bundles: dict, prefix: st
             assert sample(samples, "karma_reload_duration_seconds_count") == 2
             assert model_info(samples)["model_version"] == va
             info = (await client.get("/info")).json()
-            assert info["model_version"] == va and info["bundle"] == str(bundles["a"])
+            assert info["model_version"] == va and info["bundle"] == bundles["a"].name
             assert info["last_reload"]["outcome"] == "success"
 
     run(scenario())

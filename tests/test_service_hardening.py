@@ -1,0 +1,72 @@
+"""Small hardening checks: credentials never shown, bundles with non-finite vectors refused, HEAD /healthz."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from karma.bundle import ITEM_EMBEDDINGS_FILE, MANIFEST_FILE, file_entries, load_bundle, write_manifest
+from karma.config import ServeConfig
+from karma.errors import KarmaError
+from service.app import create_app
+from service.history import mask_url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("redis://app:s3cret@cache:6379/0", "redis://app:***@cache:6379/0"),
+        ("rediss://tok3n@cache:6380/1", "rediss://***@cache:6380/1"),
+        ("redis://cache:6379/0?password=s3cret&db=2", "redis://cache:6379/0?password=***&db=2"),
+        ("unix:///run/redis.sock?Password=s3cret", "unix:///run/redis.sock?Password=***"),
+    ],
+)
+def test_redis_urls_are_shown_without_credentials(url: str, shown: str) -> None:
+    assert mask_url(url) == shown
+    assert "s3cret" not in mask_url(url) and "tok3n" not in mask_url(url)
+
+
+def _resign(bundle: Path) -> None:
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    entries = file_entries(bundle, list(manifest["files"]))
+    manifest["files"] = {name: e.model_dump() for name, e in entries.items()}
+    write_manifest(bundle, manifest)
+
+
+@pytest.mark.parametrize("bad", ["nan", "zero"])
+def test_bundles_with_unusable_item_vectors_are_refused(
+    tiny_export: tuple[Path, Path], tmp_path: Path, bad: str
+) -> None:
+    bundle = shutil.copytree(tiny_export[1], tmp_path / "bundle")
+    embeddings = np.load(bundle / ITEM_EMBEDDINGS_FILE)
+    embeddings[3] = np.nan if bad == "nan" else 0.0
+    np.save(bundle / ITEM_EMBEDDINGS_FILE, embeddings)
+    _resign(bundle)  # checksums agree: only the values are wrong
+    with pytest.raises(KarmaError, match="NaN or infinite" if bad == "nan" else "all-zero rows"):
+        load_bundle(bundle)
+
+
+def test_info_shows_no_paths_or_passwords_and_head_healthz_works(tiny_export: tuple[Path, Path]) -> None:
+    bundle = tiny_export[1]
+    url = "redis://:hunter2secret@127.0.0.1:1/0?password=hunter2secret"
+    app = create_app(ServeConfig(bundle=bundle, redis_url=url, redis_timeout_s=0.2, access_log=False))
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://karma") as client:
+                info = (await client.get("/info")).text
+                assert "hunter2secret" not in info and str(bundle.parent) not in info
+                assert json.loads(info)["bundle"] == bundle.name
+                head = await client.head("/healthz")
+                assert head.status_code == 200 and head.content == b""
+
+    asyncio.run(scenario())
