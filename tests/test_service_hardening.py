@@ -70,3 +70,33 @@ def test_info_shows_no_paths_or_passwords_and_head_healthz_works(tiny_export: tu
                 assert head.status_code == 200 and head.content == b""
 
     asyncio.run(scenario())
+
+
+def test_a_batch_with_heavy_k_searches_per_k_group_and_ranks_like_single_requests(
+    tiny_export: tuple[Path, Path],
+) -> None:
+    from service.engine import Engine, Job
+
+    engine = Engine.load(tiny_export[1], ["CPUExecutionProvider"], 1)
+    rng = np.random.default_rng(0)
+    jobs = [
+        Job(
+            query=f"query {i}",
+            history=rng.integers(0, engine.n_items, size=int(rng.integers(0, 6))).astype(np.int64),
+            k=k,
+            exclude=np.unique(rng.integers(0, engine.n_items, size=3)).astype(np.int64),
+        )
+        for i, k in enumerate([10, 1000, 3, 10, 300, 1, 1000, 40])
+    ]
+    groups = engine.search_groups(jobs)
+    by_job = {int(i): k for members, k in groups for i in members}
+    assert sorted(by_job) == list(range(len(jobs)))  # every job searched exactly once
+    assert by_job[0] <= 16 and by_job[5] <= 16 and by_job[1] == min(engine.n_items, 1003)  # light never asks for 1000
+    assert len(groups) >= 3
+    batched = engine.run_batch(jobs)
+    for job, got in zip(jobs, batched, strict=True):
+        alone = engine.run_batch([job])[0]
+        assert len(got.rows) == min(job.k, engine.n_items - len(job.exclude))
+        np.testing.assert_array_equal(got.rows, alone.rows)
+        np.testing.assert_allclose(got.scores, alone.scores, rtol=1e-5, atol=1e-6)
+        assert not np.isin(got.rows, job.exclude).any()
