@@ -204,7 +204,7 @@ class Engine:
         featurized = time.perf_counter()
         h = self.sessions.encode_query(feeds)
         encoded = time.perf_counter()
-        results: list[JobResult | None] = [None] * len(jobs)
+        results: list[JobResult] = [None] * len(jobs)  # type: ignore[list-item]  # each job is in one group
         for members, k_search in self.search_groups(jobs):
             scores, rows = search_top_k(self.bundle.index, self._embeddings, h[members], k_search, self.rerank_factor)
             for at, i in enumerate(members):
@@ -220,10 +220,9 @@ class Engine:
             "encode": encoded - featurized,
             "search": searched - encoded,
         }
-        done = [r for r in results if r is not None]
-        for job, result in zip(jobs, done, strict=True):
+        for job, result in zip(jobs, results, strict=True):
             result.seconds = {"queue": max(0.0, started - job.enqueued), **shared}
-        return done
+        return results
 
     def search_groups(self, jobs: list[Job]) -> list[tuple[np.ndarray, int]]:
         """(job positions, k to ask the index for): one index search per group of similar k.

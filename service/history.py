@@ -6,7 +6,7 @@ the model's input length: a reload to a bundle with a shorter `max_history` neve
 stored (the model reads the newest N it needs), so rolling back restores the longer view.
 
 An append is one Lua script (atomic on the server): `SET NX` of the event's id under
-`<prefix>evt:<user_id>:<event_id>` (expiring after `serve.event_id_ttl_s`), and only if that id is
+`<prefix>evt:<len(user_id)>:<user_id>:<event_id>` (expiring after `serve.event_id_ttl_s`), and only if that id is
 new, RPUSH + LTRIM. A client that retries a click whose answer it did not get (a timeout, a 503 from
 a frozen Redis) sends the same `event_id` and the click is stored once; events without a client id
 get a fresh one, so the client library's own retry after a lost reply cannot double them either.
@@ -127,7 +127,8 @@ class HistoryStore:
         return f"{self.key_prefix}hist:{user_id}"
 
     def event_key(self, user_id: str, event_id: str) -> str:
-        return f"{self.key_prefix}evt:{user_id}:{event_id}"
+        # The user id's length keeps ("u:1", "x") and ("u", "1:x") apart: ids may contain ':'.
+        return f"{self.key_prefix}evt:{len(user_id)}:{user_id}:{event_id}"
 
     def _failed(self, exc: BaseException) -> RedisUnavailable:
         self.last_error = _reason(exc)

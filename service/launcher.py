@@ -99,7 +99,7 @@ def karma_serve(
 class LocalRedis:
     """A throwaway `redis-server` on a free loopback port (no persistence), for fault drills.
 
-    Tests and the chaos benchmark kill (`kill`), restart (`start` again, same port) and freeze
+    Fault tests kill (`kill`), restart (`start` again, same port) and freeze
     (`freeze`/`thaw`: SIGSTOP/SIGCONT) this one, never the shared Redis at 6379.
     """
 

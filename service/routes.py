@@ -113,7 +113,7 @@ async def run_search(svc: ServiceState, body: SearchRequest, started: float) -> 
             if not query:
                 raise _redis_down(svc, exc) from None
             # The query alone still finds something relevant: serve it, and say the history was missing.
-            ids, from_redis = [], False
+            ids = []
             degraded = f"user history unavailable (Redis: {exc}); ranked by the query alone"
             svc.metrics.degraded.inc()
     else:

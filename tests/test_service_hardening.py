@@ -11,11 +11,12 @@ import httpx
 import numpy as np
 import pytest
 
-from karma.bundle import ITEM_EMBEDDINGS_FILE, MANIFEST_FILE, file_entries, load_bundle, write_manifest
+from karma.bundle import ITEM_EMBEDDINGS_FILE, load_bundle
 from karma.config import ServeConfig
 from karma.errors import KarmaError
 from service.app import create_app
 from service.history import mask_url
+from tests.conftest import resign_bundle
 
 
 @pytest.mark.parametrize(
@@ -34,13 +35,6 @@ def test_redis_urls_are_shown_without_credentials(url: str, shown: str) -> None:
     assert "s3cret" not in mask_url(url) and "tok3n" not in mask_url(url)
 
 
-def _resign(bundle: Path) -> None:
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-    entries = file_entries(bundle, list(manifest["files"]))
-    manifest["files"] = {name: e.model_dump() for name, e in entries.items()}
-    write_manifest(bundle, manifest)
-
-
 @pytest.mark.parametrize("bad", ["nan", "zero"])
 def test_bundles_with_unusable_item_vectors_are_refused(
     tiny_export: tuple[Path, Path], tmp_path: Path, bad: str
@@ -49,7 +43,7 @@ def test_bundles_with_unusable_item_vectors_are_refused(
     embeddings = np.load(bundle / ITEM_EMBEDDINGS_FILE)
     embeddings[3] = np.nan if bad == "nan" else 0.0
     np.save(bundle / ITEM_EMBEDDINGS_FILE, embeddings)
-    _resign(bundle)  # checksums agree: only the values are wrong
+    resign_bundle(bundle)  # checksums agree: only the values are wrong
     with pytest.raises(KarmaError, match="NaN or infinite" if bad == "nan" else "all-zero rows"):
         load_bundle(bundle)
 

@@ -22,11 +22,11 @@ import httpx
 import pytest
 import redis
 
-from karma.bundle import MANIFEST_FILE, file_entries, load_bundle, write_manifest
+from karma.bundle import load_bundle
 from karma.config import config_to_yaml, load_config
 from service.app import create_app
 from service.launcher import free_port, wait_ready
-from tests.conftest import KARMA_BIN, tiny_train_overrides
+from tests.conftest import KARMA_BIN, resign_bundle, tiny_train_overrides
 from tests.test_service import REDIS_URL, assert_error, metric_samples, needs_redis, sample, serving
 
 KEY = "test-admin-key-0123456789"
@@ -217,15 +217,6 @@ def _same_ids(x: dict, y: dict) -> bool:
 # ---- refusals ---------------------------------------------------------------------------------------------
 
 
-def _rewrite_manifest(bundle: Path) -> None:
-    """Make the manifest agree with the files again (sizes, checksums, model_version): self-consistent."""
-    path = bundle / MANIFEST_FILE
-    manifest = json.loads(path.read_text())
-    entries = file_entries(bundle, list(manifest["files"]))
-    manifest["files"] = {name: e.model_dump() for name, e in entries.items()}
-    write_manifest(bundle, manifest)
-
-
 def broken_bundles(good: Path, root: Path) -> list[tuple[str, Path, str]]:
     """(case, folder, text the error must contain)."""
     missing = shutil.copytree(good, root / "missing")
@@ -236,7 +227,7 @@ def broken_bundles(good: Path, root: Path) -> list[tuple[str, Path, str]]:
     (corrupt / "item_embeddings.npy").write_bytes(bytes(data))
     graph = shutil.copytree(good, root / "graph")
     (graph / "query_encoder.onnx").write_bytes(b"not an onnx graph" * 10)
-    _rewrite_manifest(graph)
+    resign_bundle(graph)
     empty = root / "empty"
     empty.mkdir()
     return [
