@@ -39,7 +39,7 @@ class TorchQueryEncoder:
         self.tower = build_served_towers(checkpoint, config, feature_dim).query.eval()
         self.providers = [f"PyTorch {torch.__version__} eager ({torch.get_num_threads()} thread(s))"]
 
-    def encode_query(self, feeds: dict[str, Any]) -> Any:
+    def encode_query(self, feeds: dict[str, Any], run_options: Any = None) -> Any:  # run_options: ORT only
         torch = self.torch
         with torch.inference_mode():
             h = self.tower(**{name: torch.from_numpy(value) for name, value in feeds.items()})

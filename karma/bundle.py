@@ -229,8 +229,9 @@ class EncoderSessions:
     def providers(self) -> list[str]:
         return list(self.query.get_providers())
 
-    def encode_query(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.query.run([QUERY_OUTPUT], feeds)[0]
+    def encode_query(self, feeds: dict[str, np.ndarray], run_options: Any = None) -> np.ndarray:
+        """h_t for a batch of feeds; `run_options` (an ort.RunOptions) lets another thread terminate the run."""
+        return self.query.run([QUERY_OUTPUT], feeds, run_options)[0]
 
     def encode_items(self, features: np.ndarray, id_buckets: np.ndarray | None = None) -> np.ndarray:
         feeds = {ITEM_INPUT: np.ascontiguousarray(features, dtype=np.float32)}
@@ -548,3 +549,16 @@ def bundle_summary(manifest: Manifest) -> dict[str, Any]:
         "onnx_variant": manifest.onnx.variant.name,
         "served_parameters": manifest.served_parameters,
     }
+
+
+def resign_bundle(directory: Path | str) -> None:
+    """Make a deliberately edited bundle self-consistent again (file sizes, checksums, model_version).
+
+    For fault drills and tests that need a bundle that passes every integrity check but holds a
+    hostile value (e.g. `max_history: 4096`): the service must then refuse it on its merits.
+    """
+    directory = Path(directory)
+    manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    entries = file_entries(directory, list(manifest["files"]))
+    manifest["files"] = {name: e.model_dump() for name, e in entries.items()}
+    write_manifest(directory, manifest)

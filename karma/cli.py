@@ -545,18 +545,11 @@ def serve(
 
     from service.app import create_app
     from service.logs import configure_json_logging
+    from service.transport import uvicorn_options
 
     configure_json_logging(cfg.log_level)
     app_ = create_app(cfg)
-    uvicorn.run(
-        app_,
-        host=cfg.serve.host,
-        port=cfg.serve.port,
-        log_config=None,
-        access_log=False,  # the service writes its own JSON access log with request ids
-        timeout_graceful_shutdown=max(1, int(cfg.serve.drain_timeout_s)),
-        lifespan="on",
-    )
+    uvicorn.run(app_, **uvicorn_options(cfg.serve, app_.state.metrics))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

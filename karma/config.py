@@ -350,6 +350,21 @@ class ServeConfig(StrictModel):
     """The HTTP search service (`karma serve`, `service.app.create_app`)."""
 
     bundle: Path | None = Field(None, description="Bundle folder to serve (`karma serve --bundle DIR` sets it).")
+    bundle_root: Path | None = Field(
+        None,
+        description=(
+            "Folder every POST /admin/reload bundle must lie under (symlinks resolved); relative reload paths "
+            "are read from it, and answers name bundles relative to it. Unset: the folder holding serve.bundle "
+            "(the bundle folder itself when that is /, as for the images' /bundle)."
+        ),
+    )
+    docs: bool = Field(
+        True,
+        description=(
+            "Serve the API docs: /docs (Swagger UI from the swagger-ui-bundle wheel, no CDN) and /openapi.json. "
+            "Off: both are 404."
+        ),
+    )
     host: str = Field("127.0.0.1", description="Interface `karma serve` binds to (0.0.0.0 in containers).")
     port: int = Field(8000, ge=1, le=65_535, description="TCP port `karma serve` listens on.")
     providers: Literal["auto", "cpu", "cuda"] = Field(
@@ -386,6 +401,69 @@ class ServeConfig(StrictModel):
     )
     queue_size: int = Field(
         256, ge=1, description="Requests that may wait for the encoder; beyond it /search answers 429."
+    )
+    max_batch_tokens: int = Field(
+        16_384,
+        ge=64,
+        description=(
+            "Token budget of one encoder batch (TEI's --max-batch-tokens): batch size x (longest history in "
+            "the batch + max_query_tokens + 1). Bounds the encoder's memory whatever a bundle's max_history; "
+            "a bundle whose single request is over it is refused at load, and the warm-up batch fits it."
+        ),
+    )
+    load_memory_budget_mb: int = Field(
+        4096,
+        ge=64,
+        description=(
+            "Loading a bundle (start-up or reload) may grow this process's RSS by at most this many MiB: "
+            "a probe or warm-up batch past it is stopped and the bundle refused (the old one keeps serving)."
+        ),
+    )
+    load_timeout_s: float = Field(
+        120.0,
+        gt=0.0,
+        description="Loading a bundle (start-up or reload) past this many seconds is stopped and the bundle refused.",
+    )
+    max_concurrent_requests: int = Field(
+        128,
+        ge=1,
+        description=(
+            "Requests at work at once (TEI's --max-concurrent-requests), counted once their body has arrived. "
+            "More wait for a slot (see max_waiting_requests); health, readiness and metrics are exempt. Keep it "
+            "at most queue_size + 2 x max_batch_size, so the encoder queue itself never has to refuse."
+        ),
+    )
+    max_waiting_requests: int = Field(
+        2048,
+        ge=0,
+        description=(
+            "Requests that may wait for a slot (parked, no CPU); beyond it a request is answered 429 "
+            "`overloaded` at once. Waiting instead of refusing keeps goodput under clients that retry at once."
+        ),
+    )
+    admission_wait_s: float = Field(
+        2.0,
+        ge=0.0,
+        description="Longest a request waits for a slot before 429 `overloaded` (0 = refuse at once, as TEI does).",
+    )
+    max_connections: int = Field(
+        4096,
+        ge=1,
+        description=(
+            "Open connections beyond which uvicorn itself answers 503 (its limit_concurrency): a backstop "
+            "behind max_concurrent_requests, sized for many idle keep-alive clients."
+        ),
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="A connection that has not sent a complete request head this many seconds after opening "
+        "(or after starting a request) is closed, so slow-header clients cannot hold connections.",
+    )
+    body_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="A request body not fully received this many seconds after the headers is answered 408.",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with 429 (queue full) and 503.")
     max_body_bytes: int = Field(

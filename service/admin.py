@@ -58,11 +58,11 @@ class ReloadRequest(BaseModel):
         None,
         min_length=1,
         max_length=MAX_PATH_CHARS,
-        description="Bundle folder on the server (absolute, or relative to the server's working directory).",
+        description="Bundle folder on the server, relative to serve.bundle_root (or absolute, under it).",
         json_schema_extra={"pattern": ID_PATTERN},
     )
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"bundle": "/models/karma/2026-12-01"}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"bundle": "2026-12-01"}]})
 
     @field_validator("bundle")
     @classmethod
@@ -75,7 +75,7 @@ class ReloadResponse(BaseModel):
 
     model_version: str = Field(description="The bundle now served (every new /search reports it).")
     previous_model_version: str
-    bundle: str
+    bundle: str = Field(description="The bundle now served, relative to serve.bundle_root.")
     n_items: int
     embed_dim: int
     seconds: float = Field(description="Load + validate + probe + warm-up time.")

@@ -12,11 +12,13 @@ worker thread, close Redis. Everything lives on `app.state.svc` (and `app.state.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.responses import Response
 
 from karma.config import KarmaConfig, ServeConfig, load_config
 from karma.errors import KarmaError
@@ -24,9 +26,12 @@ from service.admin import router as admin_router
 from service.errors import install_error_handlers
 from service.fastpath import FastSearch
 from service.metrics import Metrics
-from service.middleware import InFlight, ServiceMiddleware
+from service.middleware import Admission, InFlight, ServiceMiddleware
 from service.routes import router
 from service.state import EngineFactory, ServiceState
+
+log = logging.getLogger("karma.service")
+DOCS_STATIC = "/docs/static"  # Swagger UI's JavaScript, CSS and icons
 
 DESCRIPTION = """\
 Personalized search over a KARMA export bundle: a query and/or a click history is encoded into one
@@ -54,6 +59,8 @@ def create_app(settings: ServeConfig | KarmaConfig, engine_factory: EngineFactor
     metrics = Metrics()
     in_flight = InFlight()
     svc = ServiceState(config, metrics, in_flight, engine_factory)
+    admission = Admission(config.max_concurrent_requests, config.max_waiting_requests, config.admission_wait_s)
+    metrics.track_admission(lambda: admission.waiting)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,7 +70,15 @@ def create_app(settings: ServeConfig | KarmaConfig, engine_factory: EngineFactor
         finally:
             await svc.stop()
 
-    app = FastAPI(title="KARMA search", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="KARMA search",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # self-hosted below (FastAPI's default page loads Swagger UI from a CDN)
+        redoc_url=None,
+        openapi_url="/openapi.json" if config.docs else None,
+    )
     app.state.svc = svc
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -71,6 +86,8 @@ def create_app(settings: ServeConfig | KarmaConfig, engine_factory: EngineFactor
     # FastAPI's lazily resolved included-router layers, which cost ~17 µs per request (hot; measured).
     app.router.routes[:0] = [*router.routes, *admin_router.routes]
     app.openapi = _openapi_with_limits(app, config)  # type: ignore[method-assign]
+    if config.docs:
+        add_docs(app)
     app.add_middleware(
         ServiceMiddleware,
         metrics=metrics,
@@ -78,6 +95,9 @@ def create_app(settings: ServeConfig | KarmaConfig, engine_factory: EngineFactor
         max_body_bytes=config.max_body_bytes,
         access=config.access_log,
         fast=FastSearch(),
+        admission=admission,
+        body_timeout_s=config.body_timeout_s,
+        retry_after_s=config.retry_after_s,
     )
     return app
 
@@ -96,6 +116,29 @@ def _openapi_with_limits(app: FastAPI, config: ServeConfig) -> Callable[[], dict
         return app.openapi_schema
 
     return openapi
+
+
+def add_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI served from the swagger-ui-bundle wheel's files (works offline, no CDN)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        log.warning("swagger-ui-bundle is not installed: no /docs page (/openapi.json is still served)")
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.staticfiles import StaticFiles
+
+    app.mount(DOCS_STATIC, StaticFiles(directory=swagger_ui_path), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="KARMA search — API",
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon-32x32.png",
+        )
 
 
 def from_env() -> FastAPI:

@@ -46,8 +46,11 @@ class MicroBatcher:
         max_wait_s: float,
         queue_size: int,
         on_batch: Callable[[int], Any] | None = None,
+        max_batch_tokens: int | None = None,
     ):
         self.max_batch = max_batch
+        self.max_batch_tokens = max_batch_tokens  # batch size x longest request (Engine.request_tokens)
+        self._carry: Entry | None = None  # taken from the queue but over the last batch's token budget
         self.max_wait_s = max_wait_s
         self.queue: asyncio.Queue[Entry | None] = asyncio.Queue(maxsize=queue_size)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="karma-encode")
@@ -80,11 +83,23 @@ class MicroBatcher:
         """Run `fn` on the encoder thread (serialised with the batches), e.g. the readiness probe."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
+    def _fits(self, batch: list[Entry], longest: int, entry: Entry) -> tuple[bool, int]:
+        """(whether `entry` joins `batch` within the token budget, the batch's longest request then)."""
+        if self.max_batch_tokens is None:
+            return True, longest
+        engine, job, _ = entry
+        longer = max(longest, engine.request_tokens(job))
+        return (len(batch) + 1) * longer <= self.max_batch_tokens, longer  # padding: all as long as the longest
+
     async def _collect(self) -> list[Entry] | None:
-        first = await self.queue.get()
+        if self._carry is not None:
+            first, self._carry = self._carry, None
+        else:
+            first = await self.queue.get()
         if first is None:
             return None
         batch = [first]
+        _, longest = self._fits([], 0, first)  # a lone request always runs (the bundle was checked to fit)
         deadline = time.perf_counter() + self.max_wait_s
         while len(batch) < self.max_batch:
             try:
@@ -100,7 +115,12 @@ class MicroBatcher:
             if entry is None:  # stop signal: finish this batch first, then stop
                 self.queue.put_nowait(None)
                 break
+            fits, longer = self._fits(batch, longest, entry)
+            if not fits:  # over the token budget: it opens the next batch
+                self._carry = entry
+                break
             batch.append(entry)
+            longest = longer
         return batch
 
     async def _run(self) -> None:
@@ -174,6 +194,9 @@ class MicroBatcher:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+                if self._carry is not None and not self._carry[2].done():
+                    self._carry[2].set_exception(BatcherStopped("the service stopped before this request ran"))
+                self._carry = None
                 while not self.queue.empty():
                     entry = self.queue.get_nowait()
                     if entry is not None and not entry[2].done():

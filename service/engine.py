@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from karma.bundle import Bundle, EncoderSessions, load_bundle
+from karma.bundle import Bundle, EncoderSessions, load_bundle, read_manifest
 from karma.errors import KarmaError
 from karma.featurize import query_encoder_feeds
 from karma.search import search_top_k
+from service.loadguard import LoadGuard, LoadStopped
 
 log = logging.getLogger("karma.service")
 
@@ -41,6 +42,11 @@ class JobResult:
     scores: np.ndarray  # float32
     batch_size: int
     seconds: dict[str, float] = field(default_factory=dict)  # queue, featurize, encode, search
+
+
+def request_tokens(history: int, max_query_tokens: int) -> int:
+    """Encoder positions of one request: history items + query tokens + the [EMB] slot."""
+    return history + max_query_tokens + 1
 
 
 def select_providers(choice: str) -> list[str]:
@@ -113,6 +119,7 @@ class Engine:
         self.index_device = "cpu"  # "cuda" once `load` has moved the index to the GPU
         self._embeddings = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
         self.rerank_factor = 1  # `load` sets serve.rerank_factor for approximate indexes
+        self.run_options: Any = None  # an ort.RunOptions while a LoadGuard watches the probe and warm-up
         self._gpu_resources: Any = None
         if self._needs_buckets and self._buckets is None:
             raise KarmaError(f"bundle {bundle.directory}: the query encoder needs hist_buckets but there are none")
@@ -144,29 +151,55 @@ class Engine:
         warm_batch: int,
         faiss_device: str = "cpu",
         rerank_factor: int = 1,
+        max_batch_tokens: int | None = None,
+        guard: LoadGuard | None = None,
     ) -> Engine:
         """Load, validate, probe and warm a bundle, ready to serve (start-up and hot reload; blocking).
 
         Any failure is one `KarmaError` naming the bundle and the problem: the loader's own checks,
-        and anything else a broken bundle can raise (an unreadable parquet, an ONNX Runtime error
-        in the probe), which is logged with its traceback first.
+        a request longer than `max_batch_tokens` (checked on the manifest, before anything big is
+        read), a `guard` stop (memory/time budget, shutdown), and anything else a broken bundle can
+        raise (an unreadable parquet, an ONNX Runtime error in the probe), logged with its trace first.
+        The warm-up batch is `warm_batch` requests of full length, fewer where the token budget says so.
         """
         stage = "load"
         try:
+            if max_batch_tokens is not None:
+                manifest = read_manifest(Path(directory))
+                tokens = request_tokens(manifest.max_history, manifest.max_query_tokens)
+                if tokens > max_batch_tokens:
+                    raise KarmaError(
+                        f"bundle {directory}: one request is max_history {manifest.max_history} + max_query_tokens "
+                        f"{manifest.max_query_tokens} + 1 = {tokens} tokens, over serve.max_batch_tokens="
+                        f"{max_batch_tokens} (raise the budget, or export with a shorter data.max_history)"
+                    )
+                warm_batch = max(1, min(warm_batch, max_batch_tokens // tokens))
             engine = cls.load(directory, providers, intra_op_threads, faiss_device, rerank_factor)
+            if guard is not None:
+                guard.check()
+                engine.run_options = guard.run_options
             stage = "probe inference"
             engine.probe()
             stage = "warm-up batch"
             engine.warm(warm_batch)
+            if guard is not None:
+                guard.check()
+            engine.run_options = None
         except KarmaError as exc:
-            if stage == "load":
+            if stage == "load" and not isinstance(exc, LoadStopped):
                 raise
             raise KarmaError(f"bundle {directory}: {stage} failed: {exc}") from None
         except Exception as exc:  # the bundle's fault as far as the caller can tell; keep the trace in the log
+            if guard is not None and guard.reason is not None:  # ORT's "Exiting due to terminate flag"
+                raise KarmaError(f"bundle {directory}: {stage} stopped: {guard.reason}") from None
             log.exception("bundle %s: %s failed", directory, stage)
             detail = str(exc).splitlines()[0] if str(exc) else ""
             raise KarmaError(f"bundle {directory}: {stage} failed: {type(exc).__name__}: {detail}") from None
         return engine
+
+    def request_tokens(self, job: Job) -> int:
+        """What `job` adds to a batch's token budget: its history (as the model reads it) + the query."""
+        return request_tokens(min(len(job.history), self.max_history), self.max_query_tokens)
 
     @property
     def model_version(self) -> str:
@@ -202,7 +235,7 @@ class Engine:
         started = time.perf_counter()
         feeds = self.feeds([j.query for j in jobs], [j.history for j in jobs])
         featurized = time.perf_counter()
-        h = self.sessions.encode_query(feeds)
+        h = self.sessions.encode_query(feeds, self.run_options)
         encoded = time.perf_counter()
         results: list[JobResult] = [None] * len(jobs)  # type: ignore[list-item]  # each job is in one group
         for members, k_search in self.search_groups(jobs):
@@ -249,7 +282,7 @@ class Engine:
         start = time.perf_counter()
         job = Job(query="probe", history=np.zeros(1, dtype=np.int64), k=1, exclude=np.zeros(0, dtype=np.int64))
         feeds = self.feeds([job.query], [job.history])
-        h = self.sessions.encode_query(feeds)
+        h = self.sessions.encode_query(feeds, self.run_options)
         if h.shape != (1, self.manifest.dims.embed_dim) or not np.isfinite(h).all():
             raise KarmaError(f"probe inference returned {h.shape} with non-finite values: the encoder is broken")
         norm = float(np.linalg.norm(h))

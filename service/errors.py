@@ -6,16 +6,20 @@
 | 403 | `admin_disabled` | admin route while no `serve.admin_api_key` is configured |
 | 404 | `not_found` | no such route |
 | 405 | `method_not_allowed` | wrong HTTP method |
+| 408 | `body_timeout` | the request body did not arrive within `serve.body_timeout_s` |
 | 413 | `payload_too_large` | body over `serve.max_body_bytes` (refused before parsing) |
-| 422 | `invalid_json` | malformed JSON, or a body that is not UTF-8 |
+| 422 | `invalid_json` | malformed JSON, a body that is not UTF-8, or JSON nested too deeply to parse |
 | 422 | `validation_error` | wrong types, missing fields, `k` out of range, junk in a query, nothing to search with |
 | 409 | `reload_in_progress` | `/admin/reload` while another reload runs |
 | 422 | `unknown_items` | `/events` item not in the bundle; `/search` history with no known item and no query |
 | 422 | `no_history` | `/search` by `user_id` alone, and the user has no stored history |
 | 422 | `invalid_bundle` | `/admin/reload` of a bundle that fails a check (the old one keeps serving) |
 | 429 | `queue_full` | the encoder queue is full (with `Retry-After`) |
-| 503 | `not_ready` | starting up or draining |
+| 429 | `overloaded` | over `serve.max_concurrent_requests` at work; refused before the body is read |
+| 503 | `not_ready` | starting up or draining; `/admin/reload` stopped by shutdown |
+| 503 | `shutting_down` | a request (e.g. a stalled upload) still unanswered when the graceful-shutdown timeout ends |
 | 503 | `redis_unavailable` | the request needs Redis and Redis is down (with `Retry-After`) |
+| 400 | `bad_http_request` | bytes the HTTP parser refuses (answered by uvicorn; counted, no body type) |
 | 500 | `internal_error` | a bug: logged with its traceback; never caused by client input |
 
 Each rejection is counted in `karma_rejected_total{reason=<type>}`.
@@ -144,6 +148,18 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(methods))
 
 
+def _unparseable_body(request: Request) -> str:
+    """Why json.loads failed on a body (ServiceMiddleware keeps the buffered body in the scope's state)."""
+    body = request.scope.get("state", {}).get("body")
+    if isinstance(body, bytes):
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"the request body is not valid UTF-8 (byte {exc.start})"
+        return "the request body is JSON nested too deeply to parse (or otherwise unreadable)"
+    return "the request body is not valid UTF-8 JSON"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; unexpected exceptions are turned into typed 500s by the ASGI middleware."""
 
@@ -177,6 +193,6 @@ def install_error_handlers(app: FastAPI) -> None:
             # FastAPI's answer to a body json.loads cannot decode (e.g. bytes that are not UTF-8):
             # the same kind of client error as malformed JSON, so the same status and type.
             status, type_, field = 422, "invalid_json", "body"
-            detail = "the request body is not valid UTF-8 JSON"
+            detail = _unparseable_body(request)
         _count(request, type_)
         return error_response(status, detail, type_, field, headers)

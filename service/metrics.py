@@ -47,6 +47,11 @@ class Metrics:
         )
         self.queue_depth = Gauge("karma_queue_depth", "Requests waiting for the encoder.", registry=r)
         self.in_flight = Gauge("karma_in_flight_requests", "HTTP requests being handled.", registry=r)
+        self.admission_waiting = Gauge(
+            "karma_admission_waiting_requests",
+            "Requests waiting for a slot (over serve.max_concurrent_requests at work).",
+            registry=r,
+        )
         self.rejected = Counter(
             "karma_rejected_total",
             "Requests answered with an error, by reason (the error type).",
@@ -81,13 +86,16 @@ class Metrics:
         )
         # Pre-create the label sets dashboards expect, so they read 0 instead of missing.
         self._stages = {stage: self.stage_duration.labels(stage=stage) for stage in STAGES}  # bound once
-        for reason in ("queue_full", "redis_unavailable", "validation_error", "payload_too_large"):
+        for reason in ("queue_full", "overloaded", "redis_unavailable", "validation_error", "payload_too_large"):
             self.rejected.labels(reason=reason)
         for outcome in ("success", "rejected", "failed"):
             self.reloads.labels(outcome=outcome)
 
     def track_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
+
+    def track_admission(self, waiting: Callable[[], float]) -> None:
+        self.admission_waiting.set_function(waiting)
 
     def set_model(
         self, model_version: str, embed_dim: int, params: int, flops: int | None, provider: str, index: str

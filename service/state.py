@@ -1,7 +1,9 @@
 """What one running app holds (`app.state.svc`): config, engine, batcher, Redis store, metrics, lifecycle.
 
-Hot reload (`reload`): the new bundle is loaded, validated, probed and warmed in a worker thread
-beside the serving one (the encoder keeps serving meanwhile); only then is `self.engine` replaced,
+Hot reload (`reload`): the new bundle — a folder under serve.bundle_root — is loaded, validated,
+probed and warmed in a daemon thread beside the serving one (the encoder keeps serving meanwhile),
+within the load budget (`service.loadguard`: token budget, memory growth, time; shutdown stops it
+too); only then is `self.engine` replaced,
 in one step of the event loop. A request holds the engine it started with until it answers (its
 item ids were resolved with it, and its job runs on it), so requests in flight finish on the old
 bundle and every later request gets the new one. A bundle that fails any check is refused and the
@@ -23,6 +25,7 @@ from service.batching import MicroBatcher
 from service.engine import Engine, select_providers
 from service.errors import ServiceError
 from service.history import HistoryStore, RedisUnavailable
+from service.loadguard import LoadGuard, run_in_daemon_thread
 from service.metrics import Metrics
 from service.middleware import InFlight
 
@@ -56,6 +59,7 @@ class ServiceState:
         self.loaded_at: float | None = None
         self.last_reload: dict[str, Any] | None = None
         self._reloading = False
+        self._load_guard: LoadGuard | None = None  # the load in progress (shutdown stops it)
         self.ready = False
         self.draining = False
         self.started_at: float | None = None
@@ -69,13 +73,14 @@ class ServiceState:
         config = self.config
         assert config.bundle is not None
         self.providers = select_providers(config.providers)
-        engine = await asyncio.to_thread(self._prepare, config.bundle)
+        engine = await run_in_daemon_thread(lambda: self._prepare(config.bundle), "karma-load")
         self._install(engine, config.bundle)
         self.batcher = MicroBatcher(
             config.max_batch_size,
             config.max_batch_wait_ms / 1000.0,
             config.queue_size,
             on_batch=self.metrics.batch_size.observe,
+            max_batch_tokens=config.max_batch_tokens,
         )
         batcher = self.batcher
         self.metrics.track_queue(lambda: batcher.depth)
@@ -102,17 +107,27 @@ class ServiceState:
         )
 
     def _prepare(self, directory: Path) -> Engine:
-        """Load + validate + probe + warm (blocking: run it in a worker thread)."""
+        """Load + validate + probe + warm within the load budget (blocking: run it in a daemon thread)."""
         if self.engine_factory is not None:
             return self.engine_factory(directory)
-        return Engine.prepare(
-            directory,
-            self.providers,
-            self.config.intra_op_threads,
-            self.config.max_batch_size,
-            self.config.faiss_device,
-            self.config.rerank_factor,
-        )
+        config = self.config
+        with LoadGuard(config.load_memory_budget_mb, config.load_timeout_s) as guard:
+            self._load_guard = guard
+            try:
+                engine = Engine.prepare(
+                    directory,
+                    self.providers,
+                    config.intra_op_threads,
+                    config.max_batch_size,
+                    config.faiss_device,
+                    config.rerank_factor,
+                    config.max_batch_tokens,
+                    guard,
+                )
+            finally:
+                self._load_guard = None
+        log.info("bundle %s loaded; the load grew RSS by %.0f MiB at peak", directory.name, guard.peak_growth_mb)
+        return engine
 
     def _install(self, engine: Engine, directory: Path) -> None:
         """Make `engine` the one new requests get (no await inside: atomic for the event loop)."""
@@ -143,22 +158,24 @@ class ServiceState:
         old, _ = self.serving()
         if self._reloading:
             raise ServiceError(409, "reload_in_progress", "another reload is in progress; retry when it has finished")
-        target = self.bundle_path if directory is None else directory
+        target = self.bundle_path if directory is None else self.resolve_bundle(directory)
         assert target is not None
         self._reloading = True
         began = time.perf_counter()
         outcome = "failed"
         try:
-            engine = await asyncio.to_thread(self._prepare, target)
+            engine = await run_in_daemon_thread(lambda: self._prepare(target), "karma-reload")
             old, _ = self.serving()  # not while draining; and the engine serving now is the one replaced
             self._install(engine, target)
             outcome = "success"
         except KarmaError as exc:
             outcome = "rejected"
+            if self.draining:
+                raise ServiceError(503, "not_ready", f"reload stopped: the service is shutting down ({exc})") from None
             raise ServiceError(
                 422,
                 "invalid_bundle",
-                f"reload refused, still serving {old.model_version}: {exc}",
+                f"reload refused, still serving {old.model_version}: {self._without_root(str(exc), target)}",
                 "bundle",
                 extra={"model_version": old.model_version},
             ) from None
@@ -167,7 +184,7 @@ class ServiceState:
             self._reloading = False
             self.metrics.reloads.labels(outcome=outcome).inc()
             self.metrics.reload_duration.observe(seconds)
-            self.last_reload = {"at": time.time(), "outcome": outcome, "bundle": target.name, "seconds": seconds}
+            self.last_reload = {"at": time.time(), "outcome": outcome, "bundle": self.shown(target), "seconds": seconds}
         log.info(
             "reloaded: now serving %s (model %s, was %s) after %.2f s",
             target,
@@ -178,15 +195,51 @@ class ServiceState:
         return {
             "model_version": engine.model_version,
             "previous_model_version": old.model_version,
-            "bundle": str(target),
+            "bundle": self.shown(target),
             "n_items": engine.n_items,
             "embed_dim": engine.manifest.dims.embed_dim,
             "seconds": round(seconds, 4),
         }
 
+    @property
+    def bundle_root(self) -> Path:
+        root = self.config.bundle_root
+        if root is None:
+            assert self.config.bundle is not None
+            served = Path(self.config.bundle).absolute()
+            root = served.parent if served.parent != served.parent.parent else served  # never "/" by default
+        return root.resolve()
+
+    def resolve_bundle(self, directory: Path) -> Path:
+        """The reload target under serve.bundle_root, or a 422 that says nothing about the server's files."""
+        root = self.bundle_root
+        resolved = (root / directory).resolve()  # an absolute `directory` replaces the root
+        if not resolved.is_relative_to(root):
+            raise ServiceError(
+                422,
+                "invalid_bundle",
+                "reload refused: a bundle must be a folder under the bundle root (serve.bundle_root); "
+                "give its path relative to that root",
+                "bundle",
+            )
+        return resolved
+
+    def shown(self, directory: Path) -> str:
+        """How answers name a bundle: relative to the bundle root (no server paths)."""
+        try:
+            return str(directory.resolve().relative_to(self.bundle_root))
+        except ValueError:
+            return directory.name
+
+    def _without_root(self, message: str, target: Path) -> str:
+        return message.replace(str(target), self.shown(target))
+
     async def stop(self) -> None:
         """Refuse new requests, let in-flight ones finish (up to drain_timeout_s), then stop."""
         self.draining = True
+        guard = self._load_guard
+        if guard is not None:  # a reload in progress must not keep the process alive
+            guard.stop("the service is shutting down")
         deadline = time.perf_counter() + self.config.drain_timeout_s
         while self.in_flight.count > 0 and time.perf_counter() < deadline:
             await asyncio.sleep(0.005)
@@ -260,7 +313,16 @@ class ServiceState:
                 "max_batch_size": config.max_batch_size,
                 "max_batch_wait_ms": config.max_batch_wait_ms,
                 "queue_size": config.queue_size,
+                "max_batch_tokens": config.max_batch_tokens,
             },
+            "admission": {
+                "max_concurrent_requests": config.max_concurrent_requests,
+                "max_waiting_requests": config.max_waiting_requests,
+                "admission_wait_s": config.admission_wait_s,
+                "body_timeout_s": config.body_timeout_s,
+                "header_timeout_s": config.header_timeout_s,
+            },
+            "load_budget": {"memory_mb": config.load_memory_budget_mb, "timeout_s": config.load_timeout_s},
             "limits": {
                 "k": [1, 1000],
                 "max_body_bytes": config.max_body_bytes,

@@ -15,18 +15,6 @@ KARMA_BIN = str(Path(sys.executable).with_name("karma"))
 REDIS_URL = os.environ.get("KARMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def resign_bundle(bundle: Path) -> None:
-    """Make a deliberately edited bundle self-consistent again (file sizes, checksums, model_version)."""
-    import json
-
-    from karma.bundle import MANIFEST_FILE, file_entries, write_manifest
-
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-    entries = file_entries(bundle, list(manifest["files"]))
-    manifest["files"] = {name: e.model_dump() for name, e in entries.items()}
-    write_manifest(bundle, manifest)
-
-
 def redis_up() -> bool:
     """Whether the test Redis answers a ping (tests that need it are skipped otherwise)."""
     import redis

@@ -68,6 +68,7 @@ async def serving(bundle_dir: Path, prefix: str, **overrides: Any) -> AsyncItera
         "access_log": False,
         "redis_url": REDIS_URL,
         "redis_key_prefix": prefix,
+        "bundle_root": Path("/"),  # test bundles live in different pytest tmp folders
         **overrides,
     }
     app = create_app(ServeConfig(**settings))

@@ -11,12 +11,11 @@ import httpx
 import numpy as np
 import pytest
 
-from karma.bundle import ITEM_EMBEDDINGS_FILE, load_bundle
+from karma.bundle import ITEM_EMBEDDINGS_FILE, load_bundle, resign_bundle
 from karma.config import ServeConfig
 from karma.errors import KarmaError
 from service.app import create_app
 from service.history import mask_url
-from tests.conftest import resign_bundle
 
 
 @pytest.mark.parametrize(
@@ -94,3 +93,56 @@ def test_a_batch_with_heavy_k_searches_per_k_group_and_ranks_like_single_request
         np.testing.assert_array_equal(got.rows, alone.rows)
         np.testing.assert_allclose(got.scores, alone.scores, rtol=1e-5, atol=1e-6)
         assert not np.isin(got.rows, job.exclude).any()
+
+
+def test_reload_is_confined_to_the_bundle_root_and_answers_without_server_paths(
+    tiny_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    served = shutil.copytree(tiny_export[1], root / "v1")
+    shutil.copytree(tiny_export[1], root / "v2")
+    outside = shutil.copytree(tiny_export[1], tmp_path / "elsewhere")
+    key = "test-admin-key-0123456789"
+    auth = {"Authorization": f"Bearer {key}"}
+    config = ServeConfig(bundle=served, admin_api_key=key, redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.2)
+    app = create_app(config.model_copy(update={"access_log": False}))
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://karma") as client:
+                for bad in (str(outside), "../elsewhere", "/etc", "v1/../../elsewhere"):
+                    r = await client.post("/admin/reload", json={"bundle": bad}, headers=auth)
+                    assert r.status_code == 422 and r.json()["type"] == "invalid_bundle", r.text
+                    assert "bundle root" in r.json()["error"] and str(tmp_path) not in r.text
+                missing = await client.post("/admin/reload", json={"bundle": "nope"}, headers=auth)
+                assert missing.status_code == 422 and str(tmp_path) not in missing.text, missing.text
+                ok = await client.post("/admin/reload", json={"bundle": "v2"}, headers=auth)
+                assert ok.status_code == 200 and ok.json()["bundle"] == "v2", ok.text
+                again = await client.post("/admin/reload", json={"bundle": str(root / "v1")}, headers=auth)
+                assert again.status_code == 200 and again.json()["bundle"] == "v1", again.text
+                assert (await client.get("/info")).json()["last_reload"]["bundle"] == "v1"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("docs", [True, False])
+def test_docs_are_self_hosted_or_off(tiny_export: tuple[Path, Path], docs: bool) -> None:
+    config = ServeConfig(bundle=tiny_export[1], redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.2, docs=docs)
+    app = create_app(config.model_copy(update={"access_log": False}))
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://karma") as client:
+                page, schema = await client.get("/docs"), await client.get("/openapi.json")
+                if not docs:
+                    assert page.status_code == 404 and schema.status_code == 404
+                    return
+                assert page.status_code == 200 and schema.status_code == 200
+                assert "cdn" not in page.text.lower() and "/docs/static/swagger-ui-bundle.js" in page.text
+                js = await client.get("/docs/static/swagger-ui-bundle.js")
+                assert js.status_code == 200 and len(js.content) > 100_000
+                assert (await client.get("/redoc")).status_code == 404  # ReDoc would need a CDN
+
+    asyncio.run(scenario())

@@ -37,6 +37,7 @@ def app_for(bundle_dir: Path, redis_url: str, **overrides: Any) -> Any:
         "redis_url": redis_url,
         "redis_key_prefix": "fault:",
         "redis_timeout_s": 0.3,
+        "bundle_root": Path("/"),
         **overrides,
     }
     return create_app(ServeConfig(**settings))

@@ -22,11 +22,11 @@ import httpx
 import pytest
 import redis
 
-from karma.bundle import load_bundle
+from karma.bundle import load_bundle, resign_bundle
 from karma.config import config_to_yaml, load_config
 from service.app import create_app
 from service.launcher import free_port, wait_ready
-from tests.conftest import KARMA_BIN, resign_bundle, tiny_train_overrides
+from tests.conftest import KARMA_BIN, tiny_train_overrides
 from tests.test_service import REDIS_URL, assert_error, metric_samples, needs_redis, sample, serving
 
 KEY = "test-admin-key-0123456789"
@@ -252,7 +252,7 @@ def test_bad_bundle_is_refused_and_the_old_one_keeps_serving(bundles: dict, pref
             for name, folder, expect in cases:
                 r = await client.post("/admin/reload", json={"bundle": str(folder)}, headers=AUTH)
                 err = assert_error(r, 422, "invalid_bundle", "bundle")
-                assert expect in err["error"] and str(folder) in err["error"], (name, err)
+                assert expect in err["error"] and str(folder.resolve()).lstrip("/") in err["error"], (name, err)
                 assert f"still serving {va}" in err["error"] and err["model_version"] == va
                 r = await client.post("/search", json=body)
                 assert r.status_code == 200 and r.json()["model_version"] == va, (name, r.text)
@@ -356,7 +356,8 @@ def test_karma_serve_reloads_while_200_concurrent_requests_run(bundles: dict, pr
     env = {**os.environ, "KARMA_SERVE__ADMIN_API_KEY": KEY, "KARMA_SERVE__ACCESS_LOG": "false"}
     proc = subprocess.Popen(
         [KARMA_BIN, "serve", "--bundle", str(bundles["a"]), "--port", str(port),
-         "--set", f"serve.redis_url={REDIS_URL}", "--set", f"serve.redis_key_prefix={prefix}"],
+         "--set", f"serve.redis_url={REDIS_URL}", "--set", f"serve.redis_key_prefix={prefix}",
+         "--set", "serve.bundle_root=/"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
