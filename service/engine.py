@@ -199,7 +199,7 @@ class Engine:
 
     def request_tokens(self, job: Job) -> int:
         """What `job` adds to a batch's token budget: its history (as the model reads it) + the query."""
-        return request_tokens(min(len(job.history), self.max_history), self.max_query_tokens)
+        return request_tokens(max(1, min(len(job.history), self.max_history)), self.max_query_tokens)  # L >= 1
 
     @property
     def model_version(self) -> str:

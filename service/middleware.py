@@ -220,7 +220,8 @@ class ServiceMiddleware:
                     return
                 app_receive = _replay(body, receive)
                 state["body"] = body  # for error messages about an unparseable body (service.errors)
-            if self.admission is not None and scope["path"] not in EXEMPT_PATHS:
+            client_left = scope["method"] in _BODY_METHODS and body is None  # the app answers that at once
+            if self.admission is not None and scope["path"] not in EXEMPT_PATHS and not client_left:
                 if not await self.admission.enter():  # a body has arrived: stalled uploads hold no slot
                     await self._refuse_overloaded(scope, send_with_id)
                     return

@@ -171,7 +171,8 @@ class ServiceState:
         except KarmaError as exc:
             outcome = "rejected"
             if self.draining:
-                raise ServiceError(503, "not_ready", f"reload stopped: the service is shutting down ({exc})") from None
+                why = self._without_root(str(exc), target)
+                raise ServiceError(503, "not_ready", f"reload stopped: the service is shutting down ({why})") from None
             raise ServiceError(
                 422,
                 "invalid_bundle",
@@ -206,7 +207,7 @@ class ServiceState:
         root = self.config.bundle_root
         if root is None:
             assert self.config.bundle is not None
-            served = Path(self.config.bundle).absolute()
+            served = Path(self.config.bundle).resolve()
             root = served.parent if served.parent != served.parent.parent else served  # never "/" by default
         return root.resolve()
 

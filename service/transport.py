@@ -41,7 +41,10 @@ def header_timeout_protocol(timeout_s: float, on_bad_request: Callable[[], Any] 
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if not self.transport.is_closing():
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.keep_alive = False  # a pipelined earlier request is still answering: close after it
+            elif not self.transport.is_closing():
                 self.transport.close()
 
         def connection_made(self, transport: Any) -> None:

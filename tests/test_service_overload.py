@@ -283,4 +283,6 @@ def test_request_tokens_counts_history_query_and_the_emb_slot() -> None:
 
     job = Job("q", np.arange(50, dtype=np.int64), 10, np.zeros(0, dtype=np.int64))
     assert engine.request_tokens(job) == 37  # the model reads only the newest max_history
+    empty = Job("q", np.zeros(0, dtype=np.int64), 10, np.zeros(0, dtype=np.int64))
+    assert engine.request_tokens(empty) == 18  # an empty history is still padded to one position
     assert ServeConfig().max_batch_tokens >= 32 * 37  # the default fits a full default batch
