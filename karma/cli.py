@@ -142,7 +142,9 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     typer.echo(f"[4/{steps}] statistics")
     print_stats(compute_stats(dataset), split, cfg)
     typer.echo(f"[5/{steps}] train ({cfg.model.backbone} backbone, preset {cfg.loss.preset}) and evaluate on test")
-    result = run_training(cfg)
+    if cfg.train.run_name is None:
+        cfg.train.run_name = DEMO_RUN_NAME
+    result = run_training(cfg, force=True)  # the demo rebuilds its run from scratch every time
     typer.echo(
         f"      {result['targets']:,} training targets in {result['train_cpu_seconds']:.0f} CPU s "
         f"({result['targets_per_cpu_second']:.0f}/CPU s); run folder {run_dir(cfg)}"
@@ -211,6 +213,9 @@ def _demo_export_and_search(checkpoint: Path, bundle_dir: Path, dataset, split) 
         typer.echo(f"        {score:6.3f}  {row['item_id']}  {label}{mark}")
 
 
+DEMO_RUN_NAME = "default"  # karma demo's run and bundle: artifacts/runs/default, artifacts/bundles/default
+
+
 @app.command()
 def train(
     config: ConfigOpt = None,
@@ -218,16 +223,31 @@ def train(
     preset: Annotated[
         str | None, typer.Option(help="Loss preset: action-only, gen, recon, karma-text, karma, img-mse.")
     ] = None,
+    run_name: Annotated[
+        str | None,
+        typer.Option("--run-name", help="Run folder under paths.artifacts/runs (default: <preset>-<data set>)."),
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint if there is one.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace a run folder that already holds a checkpoint.")] = False,
 ) -> None:
-    """Train the query/item towers with the configured KARMA regularizers, then evaluate on test."""
+    """Train the query/item towers with the configured KARMA regularizers, then evaluate on test.
+
+    Never overwrites a run silently: a run folder that already holds a checkpoint is refused unless
+    --resume (continue it) or --force (replace it); --run-name picks another folder."""
     overrides = list(set_ or [])
     if preset is not None:
         overrides.append(f"loss.preset={preset}")
+    if run_name is not None:
+        overrides.append(f"train.run_name={run_name}")
+    if resume and force:
+        raise KarmaError("karma train: --resume continues a run and --force replaces it; pass one of them")
     cfg = _setup(config, overrides)
+    from training.trainer import check_run_folder, run_dir
     from training.trainer import train as run_training
 
-    run_training(cfg, resume=resume)
+    check_run_folder(cfg, resume, force)  # before any data or model work
+    typer.echo(f"run folder: {run_dir(cfg)}")
+    run_training(cfg, resume=resume, force=force)
 
 
 @app.command()

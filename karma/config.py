@@ -269,7 +269,15 @@ class LossConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Optimisation, schedule, checkpoints."""
 
-    run_name: str = Field("default", description="Runs go to paths.artifacts/runs/<run_name>.")
+    run_name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description=(
+            "Runs go to paths.artifacts/runs/<run_name>. Unset: <loss.preset>-<data.name> (e.g. karma-synthetic), "
+            "so presets and data sets never share a folder; `karma train` refuses a folder that already holds "
+            "a checkpoint unless --resume or --force."
+        ),
+    )
     steps: int = Field(
         150, ge=1, description="Optimizer steps of the action stage (each supervises every position of its windows)."
     )

@@ -78,7 +78,7 @@ def test_unknown_dataset_is_one_line(tmp_path: Path) -> None:
 def test_evaluate_a_checkpoint_and_refuse_architecture_overrides(tmp_path: Path) -> None:
     trained = run_karma("train", *TINY, "--preset", "action-only", env_artifacts=tmp_path)
     assert trained.returncode == 0, trained.stderr
-    checkpoint = tmp_path / "runs" / "default" / "checkpoint"
+    checkpoint = tmp_path / "runs" / "action-only-synthetic" / "checkpoint"
     result = subprocess.run(
         [KARMA_BIN, "evaluate", str(checkpoint), "--which", "valid", "--set", "eval.max_users=50"],
         capture_output=True,
@@ -93,3 +93,42 @@ def test_evaluate_a_checkpoint_and_refuse_architecture_overrides(tmp_path: Path)
     )
     assert refused.returncode == 2
     assert refused.stderr.strip() == "error: evaluate: only eval.* and paths.* may be overridden, not 'model.embed_dim'"
+
+
+def test_train_never_overwrites_a_run_silently(tmp_path: Path) -> None:
+    """A second `karma train` into a finished run is refused before any work; --resume/--force/--run-name pass."""
+    first = run_karma("train", *TINY, "--preset", "action-only", env_artifacts=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "runs" / "action-only-synthetic"  # the default run name: <preset>-<data set>
+    state = run / "checkpoint" / "trainer_state.json"
+    assert state.is_file() and "run folder" in first.stdout
+    stamp = state.stat().st_mtime_ns
+
+    again = run_karma("train", *TINY, "--preset", "action-only", env_artifacts=tmp_path)
+    assert again.returncode == 2 and again.stderr.count("error:") == 1, again.stderr
+    assert "already holds a checkpoint (step 6)" in again.stderr and "--resume" in again.stderr
+    assert "Traceback" not in again.stderr and state.stat().st_mtime_ns == stamp  # untouched
+
+    other = run_karma("train", *TINY, "--preset", "karma", env_artifacts=tmp_path)  # its own folder
+    assert other.returncode == 0, other.stderr
+    assert (tmp_path / "runs" / "karma-synthetic" / "checkpoint").is_dir() and state.stat().st_mtime_ns == stamp
+    both = run_karma("train", *TINY, "--resume", "--force", env_artifacts=tmp_path)
+    assert both.returncode == 2 and "pass one of them" in both.stderr
+    replaced = run_karma("train", *TINY, "--preset", "action-only", "--force", env_artifacts=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr
+    assert state.stat().st_mtime_ns != stamp
+
+
+def test_checkpoints_store_absolute_paths_and_run_names_are_checked(tmp_path: Path) -> None:
+    import pytest
+
+    from karma.config import load_config
+    from karma.errors import ConfigError
+    from training.trainer import run_dir, with_absolute_paths
+
+    config = load_config(overrides=["paths.artifacts=rel/artifacts", "loss.preset=recon"], environ={})
+    absolute = with_absolute_paths(config)
+    assert absolute.paths.artifacts.is_absolute() and not config.paths.artifacts.is_absolute()
+    assert run_dir(absolute) == Path.cwd() / "rel" / "artifacts" / "runs" / "recon-synthetic"
+    with pytest.raises(ConfigError, match="run_name"):
+        load_config(overrides=["train.run_name=../escape"], environ={})

@@ -34,6 +34,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from karma.cli import DEMO_RUN_NAME
 from karma.config import KarmaConfig, load_config
 from tests import dockerfile
 from tests.conftest import KARMA_BIN, REPO
@@ -256,7 +257,7 @@ def test_compose_mounts_the_bundle_the_demo_writes() -> None:
     source, target, mode = volumes[0].split(":")
     assert (target, mode) == (str(compose_config().serve.bundle), "ro")
     defaults = load_config(environ={})
-    demo_bundle = REPO / defaults.paths.artifacts / "bundles" / defaults.train.run_name  # karma demo, step 6
+    demo_bundle = REPO / defaults.paths.artifacts / "bundles" / DEMO_RUN_NAME  # karma demo, step 6
     assert (COMPOSE_FILE.parent / source).resolve() == demo_bundle.resolve()
 
 
@@ -326,6 +327,7 @@ def test_bundle_init_script_is_valid_sh_and_calls_real_karma_commands() -> None:
         assert {token for token in argv[2:] if token.startswith("-")} <= options, argv
     export = calls[1]
     cfg = bundle_init_config()
+    cfg.train.run_name = option(calls[0], "--run-name")  # the run folder the train call names
     assert Path(export[2]) == run_dir(cfg) / CHECKPOINT_DIR, "export must read the checkpoint `karma train` wrote"
     out = option(export, "--out")
     assert out.startswith(f"{cfg.paths.artifacts}/") and f"cd {out}" in script.splitlines()

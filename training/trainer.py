@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,37 @@ CHECKPOINT_DIR = "checkpoint"
 METRICS_LOG = "train_log.jsonl"
 
 
+def run_name(config: KarmaConfig) -> str:
+    """train.run_name, or <preset>-<data set> when unset (so `--preset action-only` never lands on `karma`)."""
+    return config.train.run_name or f"{config.loss.preset}-{config.data.name}"
+
+
 def run_dir(config: KarmaConfig) -> Path:
-    return config.paths.runs / config.train.run_name
+    return config.paths.runs / run_name(config)
+
+
+def with_absolute_paths(config: KarmaConfig) -> KarmaConfig:
+    """The config with its folders made absolute, so a checkpoint's config.yaml works from any folder."""
+    config = config.model_copy(deep=True)
+    config.paths.artifacts = config.paths.artifacts.absolute()
+    if config.features.image_dir is not None:
+        config.features.image_dir = config.features.image_dir.absolute()
+    return config
+
+
+def check_run_folder(config: KarmaConfig, resume: bool, force: bool) -> None:
+    """Refuse to train over a run that already has a checkpoint, unless resuming it or told to replace it."""
+    state = run_dir(config) / CHECKPOINT_DIR / "trainer_state.json"
+    if resume or force or not state.is_file():
+        return
+    try:
+        step = json.loads(state.read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        step = "?"
+    raise KarmaError(
+        f"run folder {run_dir(config)} already holds a checkpoint (step {step}): pass --resume to continue it, "
+        "--force to replace it, or --run-name NAME (train.run_name) for a new run"
+    )
 
 
 class DistributedContext:
@@ -139,17 +169,23 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     evaluate_at_end: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train, checkpoint, evaluate on the test split; returns the final metrics.
 
     `stop_after` ends this invocation after that global step with a checkpoint (time-boxed
     sessions; `--resume` continues exactly where it stopped). Evaluation runs only at the real end.
     """
+    config = with_absolute_paths(config)
+    check_run_folder(config, resume, force)
     ctx = DistributedContext()
     device = pick_device(config.train.device, ctx.local_rank)
     ctx.start(device)
     out_dir = run_dir(config)
     ckpt = out_dir / CHECKPOINT_DIR
+    if force and not resume and ctx.is_main and ckpt.exists():
+        log.warning("--force: replacing the checkpoint in %s", out_dir)
+        shutil.rmtree(ckpt)
     resuming = resume and (ckpt / "trainer_state.json").exists()
     if resume and not resuming:
         log.info("no checkpoint at %s: starting from scratch", ckpt)
@@ -310,7 +346,7 @@ def train(
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
         log.info(
             "run %s: %d steps in %.1f s (%.1f training CPU s, %d targets, %.0f targets per CPU s); outputs in %s",
-            t.run_name,
+            run_name(config),
             last_step - start_step,
             elapsed,
             cpu_seconds,
