@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -27,8 +27,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Data sets: stats, prepare, features.", no_args_is_help=True)
+data_app = typer.Typer(help="Data sets: stats, features.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"karma-search {version('karma-search')}")
+        except PackageNotFoundError:
+            typer.echo("karma-search (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """KARMA: LLM next-interest embeddings for personalized search (train → export → serve)."""
+
+
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 
@@ -268,8 +290,17 @@ def evaluate(
         key = item.partition("=")[0]
         if not key.startswith("eval.") and not key.startswith("paths."):
             raise KarmaError(f"evaluate: only eval.* and paths.* may be overridden, not {key!r}")
-    cfg = load_config(overrides=set_ or [], environ={}, base=info.config)
+    cfg = load_config(overrides=set_ or [], environ=_run_environ(), base=info.config)
     evaluate_checkpoint(checkpoint, cfg, which)
+
+
+RUN_ENV_PREFIXES = ("KARMA_EVAL__", "KARMA_PATHS__")  # what may change when re-reading a trained run
+
+
+def _run_environ() -> dict[str, str]:
+    """The KARMA_EVAL__* / KARMA_PATHS__* variables: the env layer for commands that read a checkpoint's config
+    (its architecture and data come from the checkpoint; the protocol and output folders may be overridden)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(RUN_ENV_PREFIXES)}
 
 
 @app.command()
@@ -560,6 +591,7 @@ def serve(
     from karma.bundle import read_manifest
 
     read_manifest(cfg.serve.bundle)  # an obvious mistake (wrong folder) is one line, before uvicorn starts
+    _check_port_free(cfg.serve.host, cfg.serve.port)  # before minutes of loading, not after
 
     import uvicorn
 
@@ -572,6 +604,19 @@ def serve(
     uvicorn.run(app_, **uvicorn_options(cfg.serve, app_.state.metrics))
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise KarmaError(
+                f"karma serve: cannot listen on {host}:{port} ({exc.strerror or exc}); pick another with --port"
+            ) from None
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
 def bench(ctx: typer.Context) -> None:
     """Serving benchmark: service vs naive PyTorch baseline, batching on/off, KARMA vs action-only, FAISS
@@ -579,26 +624,6 @@ def bench(ctx: typer.Context) -> None:
     from bench.runner import main as run_bench
 
     run_bench(ctx.args)
-
-
-# Commands that later issues fill in. Until then they exist (so scripts and docs can name them)
-# and say plainly that they are not there yet.
-PLANNED_COMMANDS: tuple[tuple[str, int, str], ...] = ()
-
-
-def _planned(command: str, issue: int) -> Callable[[], None]:
-    def not_yet() -> None:
-        raise KarmaError(f"'karma {command}' is not implemented yet (tracked in issue {issue})")
-
-    return not_yet
-
-
-for _command, _issue, _help in PLANNED_COMMANDS:
-    app.command(
-        _command,
-        help=f"{_help} (issue {_issue}; not implemented yet)",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(_planned(_command, _issue))
 
 
 def main() -> None:

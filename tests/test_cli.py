@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -88,6 +90,11 @@ def test_evaluate_a_checkpoint_and_refuse_architecture_overrides(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert "KARMA action-only" in result.stdout and "split=valid" in result.stdout and "users=50" in result.stdout
     assert (checkpoint.parent / "eval_valid.json").exists()
+    env = {**os.environ, "KARMA_EVAL__MAX_USERS": "40"}  # the env layer holds for evaluate too
+    by_env = subprocess.run(
+        [KARMA_BIN, "evaluate", str(checkpoint), "--which", "valid"], capture_output=True, text=True, env=env
+    )
+    assert by_env.returncode == 0 and "users=40" in by_env.stdout, by_env.stderr
     refused = subprocess.run(
         [KARMA_BIN, "evaluate", str(checkpoint), "--set", "model.embed_dim=8"], capture_output=True, text=True
     )
@@ -132,3 +139,20 @@ def test_checkpoints_store_absolute_paths_and_run_names_are_checked(tmp_path: Pa
     assert run_dir(absolute) == Path.cwd() / "rel" / "artifacts" / "runs" / "recon-synthetic"
     with pytest.raises(ConfigError, match="run_name"):
         load_config(overrides=["train.run_name=../escape"], environ={})
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_loading(tiny_export: tuple[Path, Path]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [KARMA_BIN, "serve", "--bundle", str(tiny_export[1]), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: karma serve: cannot listen on 127.0.0.1:{port} (Address already in use); pick another with --port"
+    )
