@@ -48,7 +48,7 @@ ENV_RESERVED = frozenset(
 ENV_RESERVED_PREFIXES = ("KARMA_LOADTEST_", "KARMA_BENCH_")
 # Secrets: taken verbatim from env/CLI (never YAML-parsed: `0123...` must not become a number) and
 # left out of config dumps (`config_to_yaml`, checkpoint config files).
-SECRET_KEYS = frozenset({("serve", "admin_api_key")})
+SECRET_KEYS = frozenset({("serve", "admin_api_key"), ("serve", "api_key")})
 
 
 class StrictModel(BaseModel):
@@ -528,7 +528,22 @@ class ServeConfig(StrictModel):
         ),
     )
 
-    @field_validator("admin_api_key", mode="before")
+    api_key: str | None = Field(
+        None,
+        min_length=16,
+        repr=False,
+        description=(
+            "Key every public route needs when set (`Authorization: Bearer <key>` or `X-API-Key: <key>`): "
+            "/search, /events, /users/*, /info. Health, readiness, metrics, docs and the admin routes (their own "
+            "key) are exempt. Unset or empty: public routes are open. Best given as KARMA_SERVE__API_KEY."
+        ),
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description='Browser origins allowed to call the API (CORS), e.g. ["https://app.example.com"]; empty: no CORS.',
+    )
+
+    @field_validator("admin_api_key", "api_key", mode="before")
     @classmethod
     def _blank_key_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value

@@ -98,7 +98,18 @@ def create_app(settings: ServeConfig | KarmaConfig, engine_factory: EngineFactor
         admission=admission,
         body_timeout_s=config.body_timeout_s,
         retry_after_s=config.retry_after_s,
+        api_key=config.api_key,
     )
+    if config.cors_origins:  # outermost, so browser preflights are answered before the API key check
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["authorization", "content-type", "x-api-key", "x-request-id"],
+            expose_headers=["x-request-id", "x-model-version", "x-total-time", "server-timing"],
+        )
     return app
 
 

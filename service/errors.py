@@ -2,7 +2,7 @@
 
 | status | type | when |
 |---|---|---|
-| 401 | `unauthorized` | admin route without the right `Authorization: Bearer` key |
+| 401 | `unauthorized` | admin route without the right bearer key; public route without `serve.api_key` (when set) |
 | 403 | `admin_disabled` | admin route while no `serve.admin_api_key` is configured |
 | 404 | `not_found` | no such route |
 | 405 | `method_not_allowed` | wrong HTTP method |

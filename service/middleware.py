@@ -1,6 +1,7 @@
 """One pure-ASGI middleware for what every request needs (cheaper than Starlette's BaseHTTPMiddleware).
 
 - a request id (the client's `X-Request-Id` if sane, else a new one), echoed in the response;
+- the optional API key of the public routes (`serve.api_key`; 401 before anything else is read);
 - admission control (`Admission`): at most `serve.max_concurrent_requests` at work; more wait for a
   slot (bounded room, bounded time) before their body is parsed, then get 429 `overloaded`
   (pre-encoded bytes); health, readiness and metrics are never held or refused;
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import re
@@ -54,6 +56,16 @@ class _BodyTimeout(Exception):
 
 # Never refused by admission control: probes and scrapes must see an overloaded replica as it is.
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Open even with serve.api_key set: probes, scrapes, the docs; /admin/* checks its own key.
+OPEN_PREFIXES = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/admin/")
+
+
+def _api_key_of(headers: dict[str, str]) -> bytes:
+    """The key a request presents: `Authorization: Bearer <key>` or `X-API-Key: <key>` (b"" if none)."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip().encode("latin-1")
+    return headers.get("x-api-key", "").strip().encode("latin-1")
 
 
 def _overloaded_response(retry_after_s: int) -> tuple[Message, Message]:
@@ -160,8 +172,10 @@ class ServiceMiddleware:
         admission: Admission | None = None,
         body_timeout_s: float | None = None,
         retry_after_s: int = 1,
+        api_key: str | None = None,
     ):
         self.app = app
+        self.api_key = None if api_key is None else api_key.encode("latin-1")
         self.admission = admission
         self.body_timeout_s = body_timeout_s
         self._overloaded = _overloaded_response(retry_after_s)
@@ -197,6 +211,18 @@ class ServiceMiddleware:
         self.metrics.in_flight.inc()
         working = False
         try:
+            if (
+                self.api_key is not None
+                and not scope["path"].startswith(OPEN_PREFIXES)
+                and not hmac.compare_digest(_api_key_of(headers), self.api_key)
+            ):
+                self.metrics.rejected.labels(reason="unauthorized").inc()
+                refuse = error_response(
+                    401, "this route needs the API key: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+                    "unauthorized", None, {"WWW-Authenticate": 'Bearer realm="karma"'},
+                )  # fmt: skip
+                await refuse(scope, receive, send_with_id)
+                return
             app_receive = receive
             body: bytes | None = None
             if scope["method"] in _BODY_METHODS:

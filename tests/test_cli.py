@@ -156,3 +156,10 @@ def test_serve_on_a_port_in_use_is_one_line_before_loading(tiny_export: tuple[Pa
     assert result.stderr.strip() == (
         f"error: karma serve: cannot listen on 127.0.0.1:{port} (Address already in use); pick another with --port"
     )
+
+
+def test_baselines_with_an_unknown_name_is_one_line_before_any_work(tmp_path: Path) -> None:
+    result = run_karma("baselines", "synthetic", "--which", "popular,foo", env_artifacts=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --which: unknown baseline(s) ['foo']; known: popular, sasrec, content"
+    assert not (tmp_path / "data").exists()  # refused before the data set was built

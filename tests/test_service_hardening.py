@@ -146,3 +146,54 @@ def test_docs_are_self_hosted_or_off(tiny_export: tuple[Path, Path], docs: bool)
                 assert (await client.get("/redoc")).status_code == 404  # ReDoc would need a CDN
 
     asyncio.run(scenario())
+
+
+def test_api_key_guards_public_routes_but_not_probes_docs_or_cors_preflight(tiny_export: tuple[Path, Path]) -> None:
+    key = "public-api-key-0123456789"
+    config = ServeConfig(
+        bundle=tiny_export[1],
+        redis_url="redis://127.0.0.1:1/0",
+        redis_timeout_s=0.2,
+        api_key=key,
+        cors_origins=["https://app.example.com"],
+        access_log=False,
+    )
+    app = create_app(config)
+    search = {"query": "gift mug", "k": 3}
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://karma") as client:
+                for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}, {"X-API-Key": "nope"}):
+                    for method, path in (("POST", "/search"), ("DELETE", "/users/u1/history"), ("GET", "/info")):
+                        r = await client.request(
+                            method, path, json=search if method == "POST" else None, headers=headers
+                        )
+                        assert r.status_code == 401 and r.json()["type"] == "unauthorized", (path, r.text)
+                        assert r.headers["www-authenticate"].startswith("Bearer")
+                assert (
+                    await client.post("/search", json=search, headers={"Authorization": f"Bearer {key}"})
+                ).status_code == 200
+                assert (await client.post("/search", json=search, headers={"X-API-Key": key})).status_code == 200
+                for open_path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
+                    assert (await client.get(open_path)).status_code in (200, 503), open_path
+                preflight = await client.options(
+                    "/search",
+                    headers={
+                        "Origin": "https://app.example.com",
+                        "Access-Control-Request-Method": "POST",
+                        "Access-Control-Request-Headers": "authorization,content-type",
+                    },
+                )
+                assert preflight.status_code == 200
+                assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+                other = await client.options(
+                    "/search", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+                )
+                assert "access-control-allow-origin" not in other.headers
+                metrics = (await client.get("/metrics")).text
+                assert 'karma_rejected_total{reason="unauthorized"} 9.0' in metrics
+                assert key not in (await client.get("/info", headers={"X-API-Key": key})).text
+
+    asyncio.run(scenario())

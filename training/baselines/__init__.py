@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from karma.config import KarmaConfig
+from karma.errors import KarmaError
 from training.baselines.content import content_embeddings
 from training.baselines.popularity import popularity_counts, popularity_embeddings, training_event_mask
 from training.baselines.sasrec import (
@@ -116,7 +117,7 @@ def run_baselines(
     """
     unknown = set(which) - set(BASELINES)
     if unknown:
-        raise ValueError(f"unknown baseline(s) {sorted(unknown)}; known: {', '.join(BASELINES)}")
+        raise KarmaError(f"unknown baseline(s) {sorted(unknown)}; known: {', '.join(BASELINES)}")
     ev = config.eval
     targets = eval_targets(split, eval_split, ev.exclude_history, ev.max_users)  # type: ignore[arg-type]
     cold = dataset.catalog.cold

@@ -18,6 +18,7 @@ from training.baselines.sasrec import SASRecConfig
 
 def main(argv: Sequence[str] | None = None) -> None:
     from karma.config import load_config
+    from karma.errors import KarmaError
     from training.data.registry import load_dataset
     from training.data.split import split_dataset
     from training.evaluation.report import print_metrics_table, save_metrics_json
@@ -34,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the metrics here")
     args = parser.parse_args(argv)
+    which = [name.strip() for name in args.which.split(",") if name.strip()]
+    unknown = sorted(set(which) - set(BASELINES))
+    if unknown or not which:  # before any data or model work
+        raise KarmaError(f"--which: unknown baseline(s) {unknown or [args.which]}; known: {', '.join(BASELINES)}")
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:  # also for evaluation, not just SASRec training
@@ -43,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.perf_counter()
     dataset = load_dataset(config, args.dataset, progress=True)
     split = split_dataset(dataset, config.data.min_history, config.data.max_history)
-    results = run_baselines(dataset, split, config, args.which.split(","), sas, args.split, args.device)
+    results = run_baselines(dataset, split, config, which, sas, args.split, args.device)
     protocol = baseline_protocol(dataset, split, config, args.split)
     protocol += f", SASRec {sas}"
     print_metrics_table(results, protocol, title=f"Baselines on {dataset.name} ({time.perf_counter() - t0:.0f}s)")
