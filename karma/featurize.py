@@ -45,15 +45,17 @@ def query_encoder_feeds(
     max_query_tokens: int,
     max_history: int,
     id_buckets: np.ndarray | None = None,
+    query_lengths: list[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """The query encoder's ONNX inputs for a batch of (query, history-item-indices) requests.
 
     Used by the service, the export comparison/benchmarks and the demo, so every caller feeds the
-    graph exactly what training fed the PyTorch tower.
+    graph exactly what training fed the PyTorch tower. `query_lengths` receives each query's token
+    count before it was cut to `max_query_tokens`.
     """
     from karma.bundle import QUERY_BUCKETS_INPUT
 
-    ids, mask = tokenizer.encode(list(queries), max_query_tokens)
+    ids, mask = tokenizer.encode(list(queries), max_query_tokens, full_lengths=query_lengths)
     items, hist_mask = pad_histories(histories, max_history)
     feeds = {
         "query_ids": ids,

@@ -49,18 +49,26 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def ids(self, texts: list[str], max_tokens: int) -> list[list[int]]:
-        """Unpadded ids, truncated to `max_tokens` (no special tokens added)."""
+    def ids(self, texts: list[str], max_tokens: int, full_lengths: list[int] | None = None) -> list[list[int]]:
+        """Unpadded ids, truncated to `max_tokens` (no special tokens added).
+
+        `full_lengths`, when given, receives each text's token count before truncation (so a caller
+        can tell a client its query was cut, at no extra tokenisation).
+        """
         encodings = self.tokenizer.encode_batch([t or "" for t in texts], add_special_tokens=False)
+        if full_lengths is not None:
+            full_lengths.extend(len(e.ids) for e in encodings)
         return [e.ids[:max_tokens] for e in encodings]
 
-    def encode(self, texts: list[str], max_tokens: int, min_length: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def encode(
+        self, texts: list[str], max_tokens: int, min_length: int = 1, full_lengths: list[int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, mask) int64 arrays of shape (B, L), right-padded with pad_id; L >= min_length.
 
         `min_length` keeps the tensor non-empty when every text is empty (ML data has no queries):
-        a zero-length axis is legal in torch but a trap in ONNX.
+        a zero-length axis is legal in torch but a trap in ONNX. `full_lengths`: see `ids`.
         """
-        rows = self.ids(texts, max_tokens)
+        rows = self.ids(texts, max_tokens, full_lengths)
         length = max(min_length, max((len(r) for r in rows), default=0))
         ids = np.full((len(rows), length), self.meta.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), length), dtype=np.int64)

@@ -42,6 +42,7 @@ class JobResult:
     scores: np.ndarray  # float32
     batch_size: int
     seconds: dict[str, float] = field(default_factory=dict)  # queue, featurize, encode, search
+    query_truncated: bool = False  # the query had more than max_query_tokens tokens (the rest was not read)
 
 
 def request_tokens(history: int, max_query_tokens: int) -> int:
@@ -219,7 +220,9 @@ class Engine:
 
     # ---- the batch path (executor thread) -------------------------------------------------------
 
-    def feeds(self, queries: list[str], histories: list[np.ndarray]) -> dict[str, np.ndarray]:
+    def feeds(
+        self, queries: list[str], histories: list[np.ndarray], query_lengths: list[int] | None = None
+    ) -> dict[str, np.ndarray]:
         """The query encoder's inputs for a batch, built exactly as training builds them."""
         return query_encoder_feeds(
             self.bundle.tokenizer,
@@ -229,11 +232,13 @@ class Engine:
             self.max_query_tokens,
             self.max_history,
             self._buckets if self._needs_buckets else None,
+            query_lengths,
         )
 
     def run_batch(self, jobs: list[Job]) -> list[JobResult]:
         started = time.perf_counter()
-        feeds = self.feeds([j.query for j in jobs], [j.history for j in jobs])
+        query_lengths: list[int] = []
+        feeds = self.feeds([j.query for j in jobs], [j.history for j in jobs], query_lengths)
         featurized = time.perf_counter()
         h = self.sessions.encode_query(feeds, self.run_options)
         encoded = time.perf_counter()
@@ -246,7 +251,8 @@ class Engine:
                 if len(job.exclude):
                     keep &= ~np.isin(rows[at], job.exclude)
                 kept = np.flatnonzero(keep)[: job.k]
-                results[i] = JobResult(rows[at][kept], scores[at][kept], len(jobs))
+                cut = query_lengths[i] > self.max_query_tokens
+                results[i] = JobResult(rows[at][kept], scores[at][kept], len(jobs), query_truncated=cut)
         searched = time.perf_counter()
         shared = {
             "featurize": featurized - started,

@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    PLATFORM_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -21,6 +30,8 @@ STAGES = ("history", "featurize", "queue", "encode", "search", "total")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
+disable_created_metrics()  # no `*_created` series: one per counter/histogram, and nothing reads them
+
 
 class Metrics:
     """The service's metrics; `render()` is the /metrics body."""
@@ -28,6 +39,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds, ...
+        r.register(PLATFORM_COLLECTOR)  # python_info
         self.request_duration = Histogram(
             "karma_request_duration_seconds",
             "Wall time of HTTP requests, by route and status.",

@@ -187,6 +187,7 @@ async def run_search(svc: ServiceState, body: SearchRequest, started: float) -> 
         "history_truncated": truncated,
         "unknown_items": list(unknown),
         "batch_size": result.batch_size,
+        "query_truncated": result.query_truncated,
         "degraded": degraded is not None,
     }
     if degraded is not None:

@@ -209,6 +209,9 @@ class SearchResponse(_Strict):
     history_truncated: int = Field(description="Known history items left out because the history was too long.")
     unknown_items: list[str] = Field(description="History item ids the bundle does not know (skipped), in order.")
     batch_size: int = Field(description="Requests encoded together with this one (micro-batching).")
+    query_truncated: bool = Field(
+        False, description="True when the query had more tokens than the bundle's max_query_tokens (the rest unread)."
+    )
     degraded: bool = Field(
         False, description="True when the user's stored history could not be read (Redis down): query alone."
     )
@@ -233,6 +236,7 @@ class SearchResponse(_Strict):
                     "history_truncated": 0,
                     "unknown_items": [],
                     "batch_size": 1,
+                    "query_truncated": False,
                     "degraded": False,
                 }
             ]

@@ -197,3 +197,29 @@ def test_api_key_guards_public_routes_but_not_probes_docs_or_cors_preflight(tiny
                 assert key not in (await client.get("/info", headers={"X-API-Key": key})).text
 
     asyncio.run(scenario())
+
+
+def test_search_says_when_the_query_was_cut_to_max_query_tokens(tiny_export: tuple[Path, Path]) -> None:
+    bundle = tiny_export[1]
+    limit = load_bundle(bundle, check_graphs=False, with_index=False).manifest.max_query_tokens
+    config = ServeConfig(bundle=bundle, redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.2, access_log=False)
+    app = create_app(config)
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://karma") as client:
+                short = await client.post("/search", json={"query": "red shoes", "k": 3})
+                long = await client.post("/search", json={"query": " ".join(["red shoes"] * limit), "k": 3})
+                assert short.status_code == long.status_code == 200
+                assert short.json()["query_truncated"] is False and long.json()["query_truncated"] is True
+
+    asyncio.run(scenario())
+
+
+def test_metrics_have_process_series_and_no_created_series() -> None:
+    from service.metrics import Metrics
+
+    text = Metrics().render().decode()
+    assert "process_resident_memory_bytes" in text and "process_open_fds" in text and "python_info" in text
+    assert "_created" not in text  # one useless series per counter/histogram, off
