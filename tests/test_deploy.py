@@ -448,7 +448,23 @@ def dashboard_exprs() -> list[str]:
     return exprs
 
 
-@pytest.mark.parametrize("expr", dashboard_exprs())
+def alert_rules() -> list[dict]:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())
+    return [rule for group in config["groups"] for rule in group["rules"]]
+
+
+def test_prometheus_loads_the_alert_rules_and_they_cover_the_service_signals() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in compose()["services"]["prometheus"]["volumes"]
+    rules = alert_rules()
+    assert len({r["alert"] for r in rules}) == len(rules) and all(r["annotations"]["summary"] for r in rules)
+    text = " ".join(r["expr"] for r in rules)
+    for needed in ('status=~"5.."', "karma_request_duration_seconds_bucket", "overloaded", "karma_redis_errors_total"):
+        assert needed in text
+
+
+@pytest.mark.parametrize("expr", dashboard_exprs() + [r["expr"] for r in alert_rules()])
 def test_dashboard_queries_use_exported_metrics_and_labels(expr: str) -> None:
     exported = exported_metrics()
     used = re.findall(r"\b(karma_\w+)", expr)
