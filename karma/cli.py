@@ -274,17 +274,18 @@ def train(
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="A run's checkpoint folder (artifacts/runs/NAME/checkpoint).")],
-    which: Annotated[str, typer.Option(help="valid or test.")] = "test",
+    checkpoint: Annotated[Path, typer.Argument(help="A run folder (artifacts/runs/NAME) or its checkpoint folder.")],
+    which: Annotated[str, typer.Option("--split", "--which", help="valid or test (as in karma baselines).")] = "test",
     set_: SetOpt = None,
 ) -> None:
     """Full-ranking evaluation of a checkpoint on the data it was trained on (+ most-popular)."""
-    from training.checkpoint import read_checkpoint_info
+    from training.checkpoint import read_checkpoint_info, resolve_checkpoint
     from training.evaluate import evaluate_checkpoint
 
     if which not in {"valid", "test"}:
-        raise KarmaError(f"--which must be valid or test, got {which!r}")
+        raise KarmaError(f"--split must be valid or test, got {which!r}")
     _setup(None, [])
+    checkpoint = resolve_checkpoint(checkpoint)
     info = read_checkpoint_info(checkpoint)
     for item in set_ or []:  # eval-only knobs may be overridden (e.g. eval.max_users)
         key = item.partition("=")[0]
@@ -323,7 +324,7 @@ def diagnose(
 
 @app.command("export")
 def export_bundle(
-    checkpoint: Annotated[Path, typer.Argument(help="A run's checkpoint folder (artifacts/runs/NAME/checkpoint).")],
+    checkpoint: Annotated[Path, typer.Argument(help="A run folder (artifacts/runs/NAME) or its checkpoint folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write (atomically).")],
     index: Annotated[str, typer.Option(help="FAISS index: flat (exact, default), hnsw or ivfpq.")] = "flat",
     index_param: Annotated[
@@ -363,10 +364,11 @@ def export_bundle(
     """Export a checkpoint to a bundle: ONNX query/item encoders (heads stripped), FAISS index, manifest."""
     from export.bundle_writer import export_checkpoint
     from export.index import parse_index_params
+    from training.checkpoint import resolve_checkpoint
 
     _setup(None, [])
     result = export_checkpoint(
-        checkpoint,
+        resolve_checkpoint(checkpoint),
         out,
         index=index,
         index_params=parse_index_params(index_param or []),

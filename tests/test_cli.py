@@ -92,7 +92,7 @@ def test_evaluate_a_checkpoint_and_refuse_architecture_overrides(tmp_path: Path)
     assert (checkpoint.parent / "eval_valid.json").exists()
     env = {**os.environ, "KARMA_EVAL__MAX_USERS": "40"}  # the env layer holds for evaluate too
     by_env = subprocess.run(
-        [KARMA_BIN, "evaluate", str(checkpoint), "--which", "valid"], capture_output=True, text=True, env=env
+        [KARMA_BIN, "evaluate", str(checkpoint.parent), "--split", "valid"], capture_output=True, text=True, env=env
     )
     assert by_env.returncode == 0 and "users=40" in by_env.stdout, by_env.stderr
     refused = subprocess.run(

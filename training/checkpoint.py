@@ -80,6 +80,14 @@ def save_checkpoint(
     shutil.rmtree(old, ignore_errors=True)
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """Accept a checkpoint folder or a run folder that holds one (artifacts/runs/NAME or .../NAME/checkpoint)."""
+    path = Path(path)
+    if not (path / MODEL_FILE).is_file() and (path / "checkpoint" / MODEL_FILE).is_file():
+        return path / "checkpoint"
+    return path
+
+
 def read_checkpoint_info(directory: Path) -> CheckpointInfo:
     if not (directory / MODEL_FILE).is_file():
         raise KarmaError(f"{directory}: not a KARMA checkpoint (no {MODEL_FILE})")

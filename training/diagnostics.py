@@ -683,16 +683,6 @@ def diagnose_setup(
 # ---- reports ---------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """Accept a checkpoint folder or a run folder that holds one."""
-    from training.checkpoint import MODEL_FILE
-    from training.trainer import CHECKPOINT_DIR
-
-    if not (path / MODEL_FILE).is_file() and (path / CHECKPOINT_DIR / MODEL_FILE).is_file():
-        return path / CHECKPOINT_DIR
-    return path
-
-
 def protocol_line(results: Sequence[ModelDiagnostics]) -> str:
     p = results[0].protocol
     hist = p["history_length"]
@@ -797,6 +787,8 @@ def run_diagnostics(
         raise KarmaError("diagnose takes one checkpoint, or two to compare")
     if n_users < 2:
         raise KarmaError(f"--users must be at least 2 (effective rank needs a covariance), got {n_users}")
+    from training.checkpoint import resolve_checkpoint
+
     paths = [resolve_checkpoint(Path(c)) for c in checkpoints]
     results: list[ModelDiagnostics] = []
     map_positions: np.ndarray | None = None
