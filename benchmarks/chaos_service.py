@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -57,6 +56,7 @@ sys.path.insert(0, str(REPO))
 from bench.harness import THREAD_ENV  # noqa: E402
 from bench.loadgen import Connection  # noqa: E402
 from karma.bundle import MANIFEST_FILE, load_bundle, resign_bundle  # noqa: E402
+from karma.machine import cpu_model, usable_cores  # noqa: E402
 from service.launcher import LocalRedis, delete_prefix, free_port, wait_ready  # noqa: E402
 from service.loadguard import _PAGE  # noqa: E402
 
@@ -599,9 +599,7 @@ def main(argv: list[str] | None = None) -> None:
             rows += scenario_redis_restart(args.bundle)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; load generator on the same machine"
-    )
+    machine = f"{cpu_model()}, {usable_cores()} cores; the load generator runs on this machine too"
     (args.out / "chaos.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1, default=str))
     print(f"\nmachine: {machine}")
     for r in rows:
