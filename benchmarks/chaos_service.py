@@ -55,9 +55,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.harness import THREAD_ENV  # noqa: E402
 from bench.loadgen import Connection  # noqa: E402
-from karma.bundle import MANIFEST_FILE, load_bundle, resign_bundle  # noqa: E402
+from karma.bundle import MANIFEST_FILE, load_bundle  # noqa: E402
 from karma.machine import cpu_model, usable_cores  # noqa: E402
-from service.launcher import LocalRedis, delete_prefix, free_port, wait_ready  # noqa: E402
+from service.launcher import LocalRedis, delete_prefix, free_port, long_history_copy, wait_ready  # noqa: E402
 from service.loadguard import _PAGE  # noqa: E402
 
 SERVER_REPO = Path(os.environ.get("CHAOS_SERVER_REPO", REPO))  # another checkout's server, to compare
@@ -133,18 +133,6 @@ class PeakRss:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def long_history_copy(bundle: Path, max_history: int, root: Path) -> Path:
-    out = root / f"max-history-{max_history}"
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(bundle, out)
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    manifest["max_history"] = max_history
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
-    resign_bundle(out)
-    return out
 
 
 def search_bodies(bundle: Path) -> list[dict[str, Any]]:

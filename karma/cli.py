@@ -264,11 +264,10 @@ def train(
     if resume and force:
         raise KarmaError("karma train: --resume continues a run and --force replaces it; pass one of them")
     cfg = _setup(config, overrides)
-    from training.trainer import check_run_folder, run_dir
+    from training.trainer import run_dir
     from training.trainer import train as run_training
 
-    check_run_folder(cfg, resume, force)  # before any data or model work
-    typer.echo(f"run folder: {run_dir(cfg)}")
+    typer.echo(f"run folder: {run_dir(cfg)}")  # train() refuses it first thing if it holds a checkpoint
     run_training(cfg, resume=resume, force=force)
 
 

@@ -24,6 +24,8 @@ from service.loadguard import LoadGuard, LoadStopped
 
 log = logging.getLogger("karma.service")
 
+_EMPTY = np.zeros(0, dtype=np.int64)
+
 
 @dataclass
 class Job:
@@ -197,6 +199,13 @@ class Engine:
             detail = str(exc).splitlines()[0] if str(exc) else ""
             raise KarmaError(f"bundle {directory}: {stage} failed: {type(exc).__name__}: {detail}") from None
         return engine
+
+    def make_job(self, query: str, rows: list[int], k: int, exclude_history: bool) -> Job:
+        """The Job for a query and known history rows (oldest first): the newest max_history are read,
+        and with `exclude_history` every history row (also the older ones) is left out of the results."""
+        history = np.asarray(rows, dtype=np.int64)
+        exclude = np.unique(history) if exclude_history and len(history) else _EMPTY
+        return Job(query=query, history=history[max(0, len(history) - self.max_history) :], k=k, exclude=exclude)
 
     def request_tokens(self, job: Job) -> int:
         """What `job` adds to a batch's token budget: its history (as the model reads it) + the query."""

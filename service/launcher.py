@@ -96,6 +96,27 @@ def karma_serve(
             delete_prefix(redis_url, prefix)
 
 
+def long_history_copy(bundle: Path, max_history: int, root: Path) -> Path:
+    """A copy of `bundle` under `root` whose re-signed manifest says `max_history` (for load-budget drills).
+
+    Every integrity check passes, so only the value is hostile: the service must refuse it on its merits.
+    """
+    import json
+    import shutil
+
+    from karma.bundle import MANIFEST_FILE, resign_bundle
+
+    out = root / f"max-history-{max_history}"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["max_history"] = max_history
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    resign_bundle(out)
+    return out
+
+
 class LocalRedis:
     """A throwaway `redis-server` on a free loopback port (no persistence), for fault drills.
 

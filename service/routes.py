@@ -6,12 +6,10 @@ import json
 import time
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Path, Request
 from starlette.responses import PlainTextResponse, Response
 
 from service.batching import BatcherStopped, QueueFull
-from service.engine import Job
 from service.errors import ServiceError, error_response
 from service.history import RedisUnavailable
 from service.metrics import CONTENT_TYPE
@@ -30,7 +28,6 @@ from service.state import ServiceState
 
 router = APIRouter()
 
-_EMPTY = np.zeros(0, dtype=np.int64)
 UserIdPath = Annotated[
     str,
     Path(
@@ -151,8 +148,7 @@ async def run_search(svc: ServiceState, body: SearchRequest, started: float) -> 
             "nothing to search with: give a query, a history, or a user_id with history",
             "query",
         )
-    exclude = np.unique(np.asarray(rows, dtype=np.int64)) if body.exclude_history and rows else _EMPTY
-    job = Job(query=query, history=np.asarray(used, dtype=np.int64), k=body.k, exclude=exclude)
+    job = engine.make_job(query, rows, body.k, body.exclude_history)
     resolve_s = time.perf_counter() - t
 
     try:

@@ -22,8 +22,6 @@ import numpy as np
 from karma.errors import KarmaError
 from service.engine import Engine, Job
 
-_EMPTY = np.zeros(0, dtype=np.int64)
-
 
 @dataclass(frozen=True)
 class Hit:
@@ -51,11 +49,10 @@ class Searcher:
         unknown = [item for item in history if item not in self.engine.row_of]
         if unknown:
             raise KarmaError(f"{len(unknown)} history item(s) not in this bundle's catalog, first: {unknown[0]!r}")
-        rows = np.asarray([self.engine.row_of[item] for item in history], dtype=np.int64)
-        if not len(rows) and not query.strip():
+        rows = [self.engine.row_of[item] for item in history]
+        if not rows and not query.strip():
             raise KarmaError("nothing to search with: give a query, a history, or both")
-        exclude = np.unique(rows) if exclude_history and len(rows) else _EMPTY
-        return Job(query=query.strip(), history=rows[-self.engine.max_history :], k=k, exclude=exclude)
+        return self.engine.make_job(query.strip(), rows, k, exclude_history)  # as POST /search builds it
 
     def search(
         self, query: str = "", history: Sequence[str] = (), k: int = 10, exclude_history: bool = False

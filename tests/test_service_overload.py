@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,11 +21,11 @@ import httpx
 import numpy as np
 import pytest
 
-from karma.bundle import MANIFEST_FILE, load_bundle, resign_bundle
+from karma.bundle import load_bundle
 from karma.config import ServeConfig
 from karma.errors import KarmaError
 from service.engine import Engine, request_tokens
-from service.launcher import free_port, wait_ready
+from service.launcher import free_port, long_history_copy, wait_ready
 from service.metrics import Metrics
 from service.middleware import Admission, InFlight, ServiceMiddleware
 from tests.conftest import KARMA_BIN, REDIS_URL
@@ -34,16 +33,6 @@ from tests.test_service import assert_error, metric_samples, sample, serving
 
 KEY = "test-admin-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def long_history_copy(bundle: Path, max_history: int, root: Path) -> Path:
-    """The bundle with a re-signed manifest saying `max_history` (every integrity check passes)."""
-    out = shutil.copytree(bundle, root / f"max-history-{max_history}")
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    manifest["max_history"] = max_history
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
-    resign_bundle(out)
-    return out
 
 
 def item_ids(bundle: Path) -> list[str]:
