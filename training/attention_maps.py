@@ -1,8 +1,9 @@
 """Figures for `karma diagnose`: per-layer sink metrics and attention maps (the "barcode" picture).
 
 * `attention_by_layer.png`: one panel per attention metric of `training.diagnostics`, x = layer,
-  one line per model (mean over heads, band = min..max over heads), dashed grey = the uniform
-  causal-attention reference.
+  one line per model (mean over heads, band = min..max over heads; its own marker and line style,
+  so overlapping models stay apart), dashed grey = the uniform causal-attention reference; one
+  legend below the panels, inside the saved image.
 * `attention_maps.png`: head-averaged attention of a few users, rows = query positions, columns =
   key positions (valid positions only, in order: query tokens | history items | [EMB]); grid rows
   = layers (all, or 6 spread from first to last), grid columns = users, with the models side by
@@ -23,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import PowerNorm
+from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
     from training.diagnostics import ModelDiagnostics
@@ -40,13 +42,30 @@ def map_layers(n_layers: int, limit: int = MAX_MAP_LAYERS) -> list[int]:
     return sorted(set(np.linspace(0, n_layers - 1, limit).round().astype(int).tolist()))
 
 
-def plot_attention_by_layer(results: Sequence[ModelDiagnostics], out_path: Path) -> dict[str, Any]:
+# y-axis label (what the number is; every metric is a fraction in [0, 1]) per attention metric
+METRIC_UNITS = {
+    "emb_top_column_mass": "share of [EMB]'s history attention",
+    "rows_top_column_mass": "share of all rows' history attention",
+    "emb_entropy": "normalised entropy (1 = uniform)",
+    "row_consistency": "mean cosine between rows",
+    "emb_first_token_mass": "attention mass on token 0",
+    "rows_first_token_mass": "attention mass on token 0",
+}
+REFERENCE_LABEL = "uniform causal attention (reference)"
+
+
+def attention_by_layer_figure(results: Sequence[ModelDiagnostics]) -> Figure:
+    """The figure of `plot_attention_by_layer` (not saved): the legend sits below the panels, inside the figure."""
     from training.diagnostics import ATTENTION_METRICS, METRIC_LABELS
 
     n = len(ATTENTION_METRICS)
     cols = 3
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    ncol = min(len(results) + 1, 4)
+    legend_rows = (len(results) + 1 + ncol - 1) // ncol
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.4 * cols, 3.3 * rows + 0.9 + 0.25 * legend_rows), squeeze=False, layout="constrained"
+    )
     for ax, name in zip(axes.flat, ATTENTION_METRICS, strict=False):
         for k, r in enumerate(results):
             values = np.asarray(r.per_layer[name], dtype=float)  # (layers, heads)
@@ -59,21 +78,30 @@ def plot_attention_by_layer(results: Sequence[ModelDiagnostics], out_path: Path)
             ax.plot(layers, mean, marker=marker, ls=style, ms=max(2, 7 - k), lw=1.5, color=colour, label=r.name)
             ax.fill_between(layers, lo, hi, color=colour, alpha=0.15, lw=0)
         ref = np.asarray(results[0].reference_per_layer[name], dtype=float)
-        ax.plot(np.arange(len(ref)), ref, ls="--", color="0.5", lw=1, label="uniform causal attention")
+        ax.plot(np.arange(len(ref)), ref, ls="--", color="0.5", lw=1, label=REFERENCE_LABEL)
         ax.set_title(METRIC_LABELS[name], fontsize=10)
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer (0 = first)", fontsize=9)
+        ax.set_ylabel(METRIC_UNITS.get(name, "fraction (0-1)"), fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.suptitle("Attention sink metrics per layer (mean over users; line = mean over heads, band = head range)")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, fontsize=9, frameon=False)
+    title = (
+        "Attention sink metrics per layer (mean over diagnosed users; line = mean over heads, "
+        "band = range over heads; every metric is a fraction in [0, 1])"
+    )
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 10)), fontsize=11)
+    return fig
+
+
+def plot_attention_by_layer(results: Sequence[ModelDiagnostics], out_path: Path) -> dict[str, Any]:
+    from training.diagnostics import ATTENTION_METRICS
+    from training.plots import save_figure
+
+    save_figure(attention_by_layer_figure(results), out_path, dpi=110)  # its tight box holds the legend
     return {"file": out_path.name, "panels": list(ATTENTION_METRICS), "models": [r.name for r in results]}
 
 
