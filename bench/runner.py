@@ -1,4 +1,4 @@
-"""`karma bench`: the serving benchmark (issue 6), one command, one run, side by side.
+"""`karma bench`: the serving benchmark: one command, one run, side by side.
 
 Parts (`--parts`, default all):
 
@@ -112,9 +112,9 @@ class Progress:
     """One tqdm bar over the planned steps plus a log line per step."""
 
     def __init__(self, total: int):
-        from tqdm import tqdm
+        from karma.progress import progress_bar
 
-        self.bar = tqdm(total=total, unit="step", desc="karma bench", file=sys.stderr, leave=True)
+        self.bar = progress_bar(total=total, unit="step", desc="karma bench", file=sys.stderr, leave=True)
         self.n = 0
 
     def step(self, what: str) -> None:

@@ -316,6 +316,23 @@ class TrainConfig(StrictModel):
     warmup_backbone_lr_scale: float = Field(0.1, ge=0.0, description="Backbone LR multiplier during warm-up.")
     eval_every: int = Field(0, ge=0, description="Validate every N steps (0 = only at the end).")
     checkpoint_every: int = Field(100, ge=1, description="Save a resumable checkpoint every N steps.")
+    log_tensorboard: bool = Field(
+        True,
+        description=(
+            "Also write the training log (every train_log.jsonl record) as TensorBoard scalars under "
+            "<run dir>/tensorboard/ (`tensorboard --logdir artifacts/runs`). Needs the tensorboard package "
+            "(train extra); without it training goes on with a warning."
+        ),
+    )
+    log_mlflow: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Also log the run to MLflow: the config as params, the training log as metrics by step, to "
+            "MLFLOW_TRACKING_URI, else to a store in <run dir>/mlruns/ (SQLite with the full mlflow package, "
+            "else MLflow's file store). auto: when mlflow is installed (it is no dependency); true: warn when "
+            "it is not; false: never."
+        ),
+    )
     bf16: bool = Field(True, description="bf16 autocast when training on a GPU (ignored on CPU).")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N.")
     threads: int = Field(

@@ -21,15 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from karma.config import KarmaConfig
 from karma.errors import KarmaError
+from karma.progress import progress_bar
 from training.checkpoint import load_optimizer, save_checkpoint
 from training.data.split import training_windows
 from training.model.karma import KarmaModel, popularity_log_q
 from training.model.negatives import CatalogNegatives
 from training.setup import Setup, build_setup, pick_device, to_device
+from training.tracking import Tracker, open_tracker
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,9 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resuming:
             (out_dir / METRICS_LOG).unlink(missing_ok=True)
-    bar = tqdm(
+    # TensorBoard / MLflow get every record the JSONL gets (train.log_tensorboard, train.log_mlflow).
+    tracker = open_tracker(config, out_dir, run_name(config), start_step, resuming) if ctx.is_main else Tracker()
+    bar = progress_bar(
         range(start_step, total_steps),
         initial=start_step,
         total=total_steps,
@@ -300,6 +303,7 @@ def train(
             record.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
             with (out_dir / METRICS_LOG).open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            tracker.log(record)
             bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if not k.endswith("acc")}, refresh=False)
             if (step + 1) % t.checkpoint_every == 0 or step + 1 in {total_steps, stop_after}:
                 _save(setup, model, optimizer, scheduler, step + 1, ctx.world)
@@ -314,6 +318,7 @@ def train(
             record["valid"] = {k: float(v) for k, v in metrics.items() if k.startswith(("HR@", "NDCG@"))}
             with (out_dir / METRICS_LOG).open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            tracker.log(record)
         if stop_after is not None and step + 1 >= stop_after:
             break
         if t.max_cpu_seconds is not None and cpu_used >= t.max_cpu_seconds and stage == "action":
@@ -337,6 +342,7 @@ def train(
     }
     ctx.barrier()
     finished = budget_hit or stop_after is None or stop_after >= total_steps
+    tracker.close(finished=finished)
     if ctx.is_main and finished and evaluate_at_end:
         from training.evaluate import evaluate_setup
         from training.plots import plot_training_curves

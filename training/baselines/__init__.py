@@ -29,6 +29,7 @@ from training.baselines.sasrec import (
     train_sasrec,
     training_windows,
 )
+from training.baselines_config import BASELINES
 from training.data.schema import Dataset
 from training.data.split import Split
 from training.evaluation.protocol import EvalTargets, eval_targets, protocol_text
@@ -53,9 +54,6 @@ __all__ = [
     "training_event_mask",
     "training_windows",
 ]
-
-
-BASELINES = ("popular", "sasrec", "content")
 
 
 def baseline_protocol(dataset: Dataset, split: Split, config: KarmaConfig, which: str = "test") -> str:

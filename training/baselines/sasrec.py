@@ -32,48 +32,21 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from karma.progress import progress_bar
+from training.baselines_config import SASRecConfig
 from training.data.schema import Dataset
 from training.data.split import Split
 from training.evaluation.protocol import EvalTargets, eval_targets
 from training.evaluation.report import evaluate_embeddings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SASRecConfig:
-    """SASRec hyper-parameters; defaults follow the paper's ML-1M setting (hidden 64, 2 blocks, 50)."""
-
-    hidden: int = 64  # embedding and transformer width
-    layers: int = 2  # self-attention blocks
-    heads: int = 2  # attention heads (the paper used 1; RecBole uses 2)
-    ffn_hidden: int = 256  # feed-forward inner width (RecBole's default for hidden 64)
-    dropout: float = 0.2  # on embeddings, attention and feed-forward
-    max_len: int = 50  # newest events the model reads
-    epochs: int = 30  # passes over the training targets
-    batch_size: int = 128  # windows (sequences of max_len targets) per step
-    lr: float = 1e-3  # Adam learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    loss: Literal["ce", "bce"] = "ce"  # full-softmax CE (default) or the original 1-negative BCE
-    seed: int = 0  # model init, shuffling, dropout and negative sampling
-    eval_every: int = 1  # validate every N epochs and keep the best weights (0 = never, keep the last)
-    patience: int = 0  # stop after N validations without improvement (0 = run all epochs)
-    eval_batch_size: int = 512  # users per batch when computing user embeddings
-    threads: int | None = None  # torch intra-op threads while training (None = leave torch's setting);
-    # 1 avoids the large slow-down of oversubscribed OpenMP threads when other jobs share the CPU
-    max_windows_per_user: int | None = None  # newest N windows of max_len targets per user (None = all;
-    # 1 = the original paper's "newest max_len events only", a cheaper, weaker setting)
-    max_cpu_seconds: float | None = None  # stop after the epoch in which training (validation not counted)
-    # has used this much process CPU time; for comparisons at equal training compute (None = no budget)
 
 
 class SASRec(nn.Module):
@@ -258,7 +231,7 @@ def _train(dataset: Dataset, split: Split, cfg: SASRecConfig, device: torch.devi
     )
     best_score, best_state, best_epoch, stale = -1.0, None, 0, 0
     train_log: list[dict[str, float]] = []
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=f"SASRec {dataset.name}", disable=not progress)
+    bar = progress_bar(total=cfg.epochs * steps_per_epoch, desc=f"SASRec {dataset.name}", disable=not progress)
     train_cpu = 0.0  # process CPU seconds spent in training steps (validation excluded), cumulative
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()

@@ -45,10 +45,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from karma.config import SyntheticConfig
 from karma.errors import ConfigError
+from karma.progress import progress_bar
 from training.data.schema import Catalog, Dataset, Interactions
 
 logger = logging.getLogger(__name__)
@@ -668,7 +668,7 @@ def _simulate(
     clock = EPOCH_START + rng.integers(0, START_SPREAD_S, cfg.n_users)
     log = EventLog.empty(int(lengths.sum()), cfg.exposed_per_event)
 
-    with tqdm(total=int(lengths.sum()), desc="synthetic events", unit="ev", disable=not progress) as bar:
+    with progress_bar(total=int(lengths.sum()), desc="synthetic events", unit="ev", disable=not progress) as bar:
         for t in range(int(lengths.max())):
             active = order[: np.searchsorted(neg_sorted, -t, side="left")]
             if t > 0:

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from karma.config import FeatureConfig
 from karma.errors import KarmaError
+from karma.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class MiniLMTextEncoder:
         # Batches of similar length waste little compute on padding; rows go back in input order.
         order = np.argsort([len(t) for t in texts], kind="stable")
         with torch_threads(self.threads), torch.inference_mode():
-            bar = tqdm(total=len(texts), desc="MiniLM text", unit="text", disable=not self.progress)
+            bar = progress_bar(total=len(texts), desc="MiniLM text", unit="text", disable=not self.progress)
             for start in range(0, len(texts), self.batch_size):
                 rows = order[start : start + self.batch_size]
                 batch = self._tokenizer(

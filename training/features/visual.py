@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from karma.errors import KarmaError
+from karma.progress import progress_bar
 from training.features.text import torch_threads
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ class EfficientNetLite0Encoder:
         out = np.zeros((len(paths), self.dim), dtype=np.float32)
         missing = unreadable = 0
         with torch_threads(self.threads), torch.inference_mode():
-            bar = tqdm(total=len(paths), desc="EfficientNet-Lite0", unit="img", disable=not self.progress)
+            bar = progress_bar(total=len(paths), desc="EfficientNet-Lite0", unit="img", disable=not self.progress)
             for start in range(0, len(paths), self.batch_size):
                 rows, pixels = [], []
                 for row in range(start, min(start + self.batch_size, len(paths))):
