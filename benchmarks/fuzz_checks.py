@@ -7,6 +7,7 @@ a schema-valid request be refused when, and only when, the refusal is about that
 - 422 `unknown_items`   the item ids are not in the served catalog;
 - 422 `no_history`      a search by `user_id` alone, and Redis holds no history for that user;
 - 422 `invalid_bundle`  `/admin/reload` named a folder that is not a valid bundle;
+- 422 `unsupported_dimensions` `/v1/embeddings` asked for a dimension the served model does not have;
 - 413 `payload_too_large` the body is over `serve.max_body_bytes` (a transport limit).
 
 Any other 4xx for schema-valid input (e.g. a 422 `validation_error`) is a schema-conformance bug.
@@ -17,7 +18,13 @@ from __future__ import annotations
 import schemathesis
 
 ACCEPTED = {"2xx", "3xx", 401, 403, 404, 409, 429}
-STATE_DEPENDENT = {(422, "unknown_items"), (422, "no_history"), (422, "invalid_bundle"), (413, "payload_too_large")}
+STATE_DEPENDENT = {
+    (422, "unknown_items"),
+    (422, "no_history"),
+    (422, "invalid_bundle"),
+    (422, "unsupported_dimensions"),
+    (413, "payload_too_large"),
+}
 
 
 @schemathesis.check

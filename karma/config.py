@@ -495,6 +495,30 @@ class ServeConfig(StrictModel):
         65_536, ge=256, description="Larger request bodies are refused with 413 before they are parsed."
     )
     max_query_chars: int = Field(512, ge=1, le=100_000, description="Longest query text accepted (characters).")
+    max_batch_inputs: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="Most inputs in one /search/batch, /embed or /v1/embeddings request (each is one encoder row).",
+    )
+    tracing: bool = Field(
+        False,
+        description=(
+            "OpenTelemetry tracing: a server span per request, child spans history/featurize/queue/encode/search, "
+            "sent over OTLP/HTTP (needs the tracing extra)."
+        ),
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description=(
+            "OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces (unset: OTEL_EXPORTER_OTLP_* env, "
+            "else http://localhost:4318/v1/traces)."
+        ),
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of new traces recorded (a caller's sampled traceparent is followed)."
+    )
+    tracing_service_name: str = Field("karma-search", min_length=1, description="service.name on every span.")
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding per-user click histories.")
     redis_key_prefix: str = Field("karma:", description="Prefix of every Redis key the service writes.")
     redis_timeout_s: float = Field(

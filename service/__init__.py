@@ -1,4 +1,4 @@
-"""Service: FastAPI search over ONNX + FAISS with Redis history (issue 5). Must not import torch.
+"""Service: FastAPI search over ONNX + FAISS with Redis history. Must not import torch.
 
 Numerical libraries start their thread pools when first imported; on a small machine ~40 server
 threads each with its own BLAS pool cut throughput ~20x (DESIGN §8). Importing this package before

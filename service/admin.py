@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
 from service.errors import ServiceError
-from service.routes import json_response
+from service.responses import json_response
 from service.schemas import ID_PATTERN, ErrorBody, check_id
 
 MAX_PATH_CHARS = 4096

@@ -29,6 +29,7 @@ from service.metrics import Metrics
 from service.middleware import Admission, InFlight, ServiceMiddleware
 from service.routes import router
 from service.state import EngineFactory, ServiceState
+from service.tracing import TracingMiddleware, build_tracing
 
 log = logging.getLogger("karma.service")
 DOCS_STATIC = "/docs/static"  # Swagger UI's JavaScript, CSS and icons
@@ -50,15 +51,19 @@ def serve_config(settings: ServeConfig | KarmaConfig) -> ServeConfig:
     return settings.serve if isinstance(settings, KarmaConfig) else settings
 
 
-def create_app(settings: ServeConfig | KarmaConfig, engine_factory: EngineFactory | None = None) -> FastAPI:
+def create_app(
+    settings: ServeConfig | KarmaConfig, engine_factory: EngineFactory | None = None, span_exporter: Any = None
+) -> FastAPI:
     """`engine_factory` replaces `Engine.prepare` (the ONNX Runtime engine) for start-up and reloads;
-    `bench.naive` uses it to serve the PyTorch query tower through this same app."""
+    `bench.naive` uses it to serve the PyTorch query tower through this same app. `span_exporter`
+    replaces the OTLP exporter when `serve.tracing` is on (tests pass an in-memory one)."""
     config = serve_config(settings)
     if config.bundle is None:
         raise KarmaError("no bundle to serve: set serve.bundle (karma serve --bundle DIR, or KARMA_SERVE__BUNDLE)")
     metrics = Metrics()
     in_flight = InFlight()
     svc = ServiceState(config, metrics, in_flight, engine_factory)
+    svc.tracing = build_tracing(config, span_exporter)
     admission = Admission(config.max_concurrent_requests, config.max_waiting_requests, config.admission_wait_s)
     metrics.track_admission(lambda: admission.waiting)
 
@@ -100,6 +105,9 @@ def create_app(settings: ServeConfig | KarmaConfig, engine_factory: EngineFactor
         retry_after_s=config.retry_after_s,
         api_key=config.api_key,
     )
+    tracing = svc.tracing
+    if tracing is not None:
+        app.add_middleware(TracingMiddleware, tracing=tracing)
     if config.cors_origins:  # outermost, so browser preflights are answered before the API key check
         from starlette.middleware.cors import CORSMiddleware
 
@@ -114,15 +122,23 @@ def create_app(settings: ServeConfig | KarmaConfig, engine_factory: EngineFactor
 
 
 def _openapi_with_limits(app: FastAPI, config: ServeConfig) -> Callable[[], dict[str, Any]]:
-    """The generated schema plus the limits this app was configured with (e.g. the query length)."""
+    """The generated schema plus the limits this app was configured with (query length, batch size),
+    so a schema-valid request is never refused for a configured limit."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
-            schema["components"]["schemas"]["SearchRequest"]["properties"]["query"]["maxLength"] = (
-                config.max_query_chars
-            )
+            models = schema["components"]["schemas"]
+            for name in ("SearchRequest", "EmbedInput"):
+                models[name]["properties"]["query"]["maxLength"] = config.max_query_chars
+            for name in ("BatchSearchRequest", "EmbedRequest"):
+                models[name]["properties"]["inputs"]["maxItems"] = config.max_batch_inputs
+            for variant in models["OpenAIEmbeddingsRequest"]["properties"]["input"]["anyOf"]:
+                text = variant if variant.get("type") == "string" else variant["items"]
+                text["maxLength"] = config.max_query_chars
+                if variant.get("type") == "array":
+                    variant["maxItems"] = config.max_batch_inputs
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -63,6 +63,11 @@ class MicroBatcher:
     def depth(self) -> int:
         return self.queue.qsize()
 
+    @property
+    def room(self) -> int:
+        """How many more jobs the queue takes now (a many-input request is refused whole if they do not fit)."""
+        return self.queue.maxsize - self.queue.qsize()
+
     def start(self) -> None:
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._run(), name="karma-batcher")

@@ -25,6 +25,7 @@ from service.loadguard import LoadGuard, LoadStopped
 log = logging.getLogger("karma.service")
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+_NO_SCORES = np.zeros(0, dtype=np.float32)
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Job:
 
     query: str
     history: np.ndarray  # int64 rows, oldest first, at most max_history
-    k: int
+    k: int  # 0: embed only (POST /embed): h_t comes back, the index is not searched
     exclude: np.ndarray  # int64 unique rows to leave out of the results
     enqueued: float = 0.0  # perf_counter at submit
 
@@ -45,6 +46,8 @@ class JobResult:
     batch_size: int
     seconds: dict[str, float] = field(default_factory=dict)  # queue, featurize, encode, search
     query_truncated: bool = False  # the query had more than max_query_tokens tokens (the rest was not read)
+    embedding: np.ndarray | None = None  # h_t (float32, embed_dim, unit length) the index was searched with
+    query_tokens: int = 0  # the query's token count before truncation
 
 
 def request_tokens(history: int, max_query_tokens: int) -> int:
@@ -200,6 +203,19 @@ class Engine:
             raise KarmaError(f"bundle {directory}: {stage} failed: {type(exc).__name__}: {detail}") from None
         return engine
 
+    def resolve(self, item_ids: list[str]) -> tuple[list[int], list[str]]:
+        """(rows of the known ids, in order; the unknown ids, first occurrence each, in order)."""
+        row_of = self.row_of
+        rows: list[int] = []
+        unknown: dict[str, None] = {}
+        for item in item_ids:
+            row = row_of.get(item)
+            if row is None:
+                unknown[item] = None
+            else:
+                rows.append(row)
+        return rows, list(unknown)
+
     def make_job(self, query: str, rows: list[int], k: int, exclude_history: bool) -> Job:
         """The Job for a query and known history rows (oldest first): the newest max_history are read,
         and with `exclude_history` every history row (also the older ones) is left out of the results."""
@@ -214,6 +230,14 @@ class Engine:
     @property
     def model_version(self) -> str:
         return self.manifest.model_version
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.manifest.dims.embed_dim)
+
+    def item_vectors(self, rows: list[int]) -> np.ndarray:
+        """The item embeddings at `rows` (float32, len x embed_dim), exactly as the index holds them."""
+        return self._embeddings[np.asarray(rows, dtype=np.int64)]
 
     @property
     def parameters(self) -> int:
@@ -252,6 +276,10 @@ class Engine:
         h = self.sessions.encode_query(feeds, self.run_options)
         encoded = time.perf_counter()
         results: list[JobResult] = [None] * len(jobs)  # type: ignore[list-item]  # each job is in one group
+        for i, job in enumerate(jobs):
+            if job.k == 0:  # embed only
+                cut = query_lengths[i] > self.max_query_tokens
+                results[i] = JobResult(_EMPTY, _NO_SCORES, len(jobs), query_truncated=cut)
         for members, k_search in self.search_groups(jobs):
             scores, rows = search_top_k(self.bundle.index, self._embeddings, h[members], k_search, self.rerank_factor)
             for at, i in enumerate(members):
@@ -268,8 +296,10 @@ class Engine:
             "encode": encoded - featurized,
             "search": searched - encoded,
         }
-        for job, result in zip(jobs, results, strict=True):
+        for i, (job, result) in enumerate(zip(jobs, results, strict=True)):
             result.seconds = {"queue": max(0.0, started - job.enqueued), **shared}
+            result.embedding = h[i]
+            result.query_tokens = query_lengths[i]
         return results
 
     def search_groups(self, jobs: list[Job]) -> list[tuple[np.ndarray, int]]:
@@ -279,10 +309,13 @@ class Engine:
         (the index keeps a k-sized heap per query), so asking for the batch's largest k made four
         heavy clients cut 28 light ones' throughput by 71%. Jobs are grouped by the power of 4 of
         their k (+ exclusions): a heavy request pays for its own k, light neighbours for theirs.
+        Embed-only jobs (k = 0) are in no group.
         """
         wanted = [min(self.n_items, j.k + len(j.exclude)) for j in jobs]
         groups: dict[int, list[int]] = {}
         for i, k in enumerate(wanted):
+            if jobs[i].k == 0:
+                continue
             groups.setdefault((max(k, 1) - 1).bit_length() // 2, []).append(i)
         return [(np.asarray(m, dtype=np.int64), max(wanted[i] for i in m)) for _, m in sorted(groups.items())]
 

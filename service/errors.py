@@ -11,16 +11,20 @@
 | 422 | `invalid_json` | malformed JSON, a body that is not UTF-8, or JSON nested too deeply to parse |
 | 422 | `validation_error` | wrong types, missing fields, `k` out of range, junk in a query, nothing to search with |
 | 409 | `reload_in_progress` | `/admin/reload` while another reload runs |
-| 422 | `unknown_items` | `/events` item not in the bundle; `/search` history with no known item and no query |
-| 422 | `no_history` | `/search` by `user_id` alone, and the user has no stored history |
+| 422 | `unknown_items` | an `/events` or `/embed` item not in the bundle; a history with no known item and no query |
+| 422 | `no_history` | a search or embedding by `user_id` alone, and the user has no stored history |
+| 422 | `unsupported_dimensions` | `/v1/embeddings` `dimensions` other than the served model's |
 | 422 | `invalid_bundle` | `/admin/reload` of a bundle that fails a check (the old one keeps serving) |
-| 429 | `queue_full` | the encoder queue is full (with `Retry-After`) |
+| 429 | `queue_full` | the encoder queue is full, or has no room for all of a batch's inputs (with `Retry-After`) |
 | 429 | `overloaded` | over `serve.max_concurrent_requests` at work; refused before the body is read |
 | 503 | `not_ready` | starting up or draining; `/admin/reload` stopped by shutdown |
 | 503 | `shutting_down` | a request (e.g. a stalled upload) still unanswered when the graceful-shutdown timeout ends |
 | 503 | `redis_unavailable` | the request needs Redis and Redis is down (with `Retry-After`) |
 | 400 | `bad_http_request` | bytes the HTTP parser refuses (answered by uvicorn; counted, no body type) |
 | 500 | `internal_error` | a bug: logged with its traceback; never caused by client input |
+
+A many-input request (`/search/batch`, `/embed`, `/v1/embeddings`) fails whole on its first failing
+input, with `field` naming it (`inputs[3].query`, `input[1]`).
 
 Each rejection is counted in `karma_rejected_total{reason=<type>}`.
 """

@@ -19,8 +19,9 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from service.errors import ServiceError, service_error_response
-from service.routes import router, run_search
+from service.routes import router
 from service.schemas import SearchRequest
+from service.searching import run_search
 
 PATH = "/search"
 

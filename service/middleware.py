@@ -30,6 +30,7 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
@@ -58,6 +59,31 @@ class _BodyTimeout(Exception):
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Open even with serve.api_key set: probes, scrapes, the docs; /admin/* checks its own key.
 OPEN_PREFIXES = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/admin/")
+
+
+def endpoint_label(scope: Scope) -> str:
+    """The route template a request was for (`/users/{user_id}/history`), also when it was answered
+    before routing (413, 408, overload 429s, a refused key) or by a mount (the docs' assets);
+    "unmatched" only for paths no route serves (404s), so a scan cannot blow up label cardinality."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path:
+        return path
+    app = scope.get("app")
+    # A mount rewrote root_path on its way down: match the path as the request sent it.
+    probe = {
+        "type": "http",
+        "path": scope["path"],
+        "root_path": scope.get("app_root_path", ""),
+        "method": scope["method"],
+    }
+    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = candidate.matches(probe)
+        if match is not Match.NONE:  # PARTIAL: the path matches, the method does not (a 405)
+            if isinstance(candidate, Mount):
+                return candidate.path + "/{path}"
+            return getattr(candidate, "path", None) or "unmatched"
+    return "unmatched"
 
 
 def _api_key_of(headers: dict[str, str]) -> bytes:
@@ -286,8 +312,7 @@ class ServiceMiddleware:
             self.in_flight.count -= 1
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = endpoint_label(scope)
             status = response["status"]
             self.metrics.request_duration.labels(endpoint=endpoint, method=scope["method"], status=str(status)).observe(
                 elapsed

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 from starlette.responses import PlainTextResponse, Response
 
-from service.batching import BatcherStopped, QueueFull
 from service.errors import ServiceError, error_response
 from service.history import RedisUnavailable
 from service.metrics import CONTENT_TYPE
+from service.responses import json_response
 from service.schemas import (
     ERROR_RESPONSES,
     MAX_ID_CHARS,
     PATH_ID_PATTERN,
+    BatchSearchRequest,
+    BatchSearchResponse,
+    EmbedRequest,
+    EmbedResponse,
     EventRequest,
     EventResponse,
     HistoryResponse,
+    OpenAIEmbeddingsRequest,
+    OpenAIEmbeddingsResponse,
     SearchRequest,
     SearchResponse,
     check_id,
 )
+from service.searching import redis_down, run_embed, run_openai_embeddings, run_search, run_search_batch
 from service.state import ServiceState
 
 router = APIRouter()
@@ -41,20 +47,6 @@ UserIdPath = Annotated[
 
 def _svc(request: Request) -> ServiceState:
     return request.app.state.svc
-
-
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
-
-
-def _redis_down(svc: ServiceState, exc: RedisUnavailable) -> ServiceError:
-    return ServiceError(
-        503,
-        "redis_unavailable",
-        f"user history store (Redis) is unavailable: {exc}; requests that carry 'history' still work",
-        headers={"Retry-After": str(svc.config.retry_after_s)},
-    )
 
 
 def _user_id(user_id: str) -> str:
@@ -83,115 +75,44 @@ async def search(body: SearchRequest, request: Request) -> Response:
     return await run_search(_svc(request), body, request.scope["state"]["t0"])
 
 
-async def run_search(svc: ServiceState, body: SearchRequest, started: float) -> Response:
-    """The /search work after validation; `started` is the request's arrival (perf_counter)."""
-    engine, batcher = svc.serving()
-    config = svc.config
+@router.post(
+    "/search/batch",
+    response_model=BatchSearchResponse,
+    responses=ERROR_RESPONSES,
+    summary="Many searches in one request",
+)
+async def search_batch(body: BatchSearchRequest, request: Request) -> Response:
+    """Each of `inputs` is a `/search` body; the answer has one `/search` result per input, in order.
 
-    raw_query = body.query or ""
-    if len(raw_query) > config.max_query_chars:
-        raise ServiceError(
-            422,
-            "validation_error",
-            f"query is {len(raw_query)} characters, over the {config.max_query_chars} limit",
-            "query",
-        )
-    query = raw_query.strip()
+    The inputs are encoded in the same micro-batches as concurrent `/search` requests, so each ranks
+    exactly as it would alone. One failing input (e.g. a user with no history and no query) fails the
+    request with the error naming it (`field: inputs[3].query`); a queue without room for all inputs
+    answers 429 before any is queued.
+    """
+    return await run_search_batch(_svc(request), body, request.scope["state"]["t0"])
 
-    t = time.perf_counter()
-    from_redis = body.history is None and body.user_id is not None
-    degraded: str | None = None
-    if body.history is not None:
-        ids: list[str] = body.history
-    elif body.user_id is not None:
-        try:
-            ids = await svc.history.read_item_ids(body.user_id, engine.max_history)
-        except RedisUnavailable as exc:
-            if not query:
-                raise _redis_down(svc, exc) from None
-            # The query alone still finds something relevant: serve it, and say the history was missing.
-            ids = []
-            degraded = f"user history unavailable (Redis: {exc}); ranked by the query alone"
-            svc.metrics.degraded.inc()
-    else:
-        ids = []
-    history_s = time.perf_counter() - t
 
-    t = time.perf_counter()
-    row_of = engine.row_of
-    rows: list[int] = []
-    unknown: dict[str, None] = {}
-    for item in ids:
-        row = row_of.get(item)
-        if row is None:
-            unknown[item] = None
-        else:
-            rows.append(row)
-    truncated = max(0, len(rows) - engine.max_history)
-    used = rows[truncated:]
-    if not used and not query:
-        if unknown:
-            raise ServiceError(
-                422,
-                "unknown_items",
-                f"none of the {len(ids)} history item(s) is in the catalog (first: {next(iter(unknown))!r}) "
-                "and there is no query",
-                "history",
-            )
-        if from_redis:
-            raise ServiceError(
-                422, "no_history", f"user {body.user_id!r} has no stored history and there is no query", "query"
-            )
-        raise ServiceError(
-            422,
-            "validation_error",
-            "nothing to search with: give a query, a history, or a user_id with history",
-            "query",
-        )
-    job = engine.make_job(query, rows, body.k, body.exclude_history)
-    resolve_s = time.perf_counter() - t
+@router.post("/embed", response_model=EmbedResponse, responses=ERROR_RESPONSES, summary="h_t and item vectors")
+async def embed(body: EmbedRequest, request: Request) -> Response:
+    """The next-interest embedding h_t per input (what `/search` searches the index with, unit length)
+    and the index's vectors for `item_ids`: score(item) = h_t · item_vector.
 
-    try:
-        result = await batcher.submit(engine, job)
-    except QueueFull as exc:
-        raise ServiceError(
-            429, "queue_full", f"{exc}; retry later", headers={"Retry-After": str(config.retry_after_s)}
-        ) from None
-    except BatcherStopped as exc:
-        raise ServiceError(503, "not_ready", str(exc), headers={"Retry-After": str(config.retry_after_s)}) from None
+    With `encoding_format: base64` each vector is little-endian float32 bytes in base64 (OpenAI's
+    format; 4 bytes per value instead of ~20 characters of JSON).
+    """
+    return await run_embed(_svc(request), body, request.scope["state"]["t0"])
 
-    item_ids, titles = engine.item_ids, engine.titles
-    items = [
-        {"item_id": item_ids[r], "score": s, "title": titles[r] if titles is not None else None}
-        for r, s in zip(result.rows.tolist(), result.scores.tolist(), strict=True)
-    ]
-    seconds = {
-        "history": history_s,
-        "featurize": resolve_s + result.seconds["featurize"],
-        "queue": result.seconds["queue"],
-        "encode": result.seconds["encode"],
-        "search": result.seconds["search"],
-    }
-    seconds["total"] = time.perf_counter() - started
-    svc.metrics.observe_stages(seconds)
-    timings = {stage: round(value * 1000, 4) for stage, value in seconds.items()}
-    payload = {
-        "items": items,
-        "model_version": engine.model_version,
-        "timings_ms": timings,
-        "history_used": len(used),
-        "history_truncated": truncated,
-        "unknown_items": list(unknown),
-        "batch_size": result.batch_size,
-        "query_truncated": result.query_truncated,
-        "degraded": degraded is not None,
-    }
-    if degraded is not None:
-        payload["degraded_reason"] = degraded
-    headers = {f"X-{stage.capitalize()}-Time": f"{value:.3f}" for stage, value in timings.items()}
-    headers["Server-Timing"] = ", ".join(f"{stage};dur={value:.3f}" for stage, value in timings.items())
-    headers["X-Model-Version"] = engine.model_version
-    return json_response(payload, headers=headers)
+
+@router.post(
+    "/v1/embeddings",
+    response_model=OpenAIEmbeddingsResponse,
+    responses=ERROR_RESPONSES,
+    summary="h_t in OpenAI's embeddings API shape",
+)
+async def openai_embeddings(body: OpenAIEmbeddingsRequest, request: Request) -> Response:
+    """OpenAI-compatible: `input` is one query or a list; `user` (optional) is the user id whose stored
+    history conditions each h_t. Errors keep this service's `{"error", "type", "field"}` body."""
+    return await run_openai_embeddings(_svc(request), body, request.scope["state"]["t0"])
 
 
 @router.post("/events", response_model=EventResponse, responses=ERROR_RESPONSES, summary="Record a click")
@@ -211,7 +132,7 @@ async def post_event(body: EventRequest, request: Request) -> Response:
             body.user_id, body.item_id, body.epoch_seconds(time.time()), svc.config.history_max_events, body.event_id
         )
     except RedisUnavailable as exc:
-        raise _redis_down(svc, exc) from None
+        raise redis_down(svc, exc) from None
     return json_response(
         {
             "user_id": body.user_id,
@@ -234,7 +155,7 @@ async def get_history(user_id: UserIdPath, request: Request) -> Response:
     try:
         events = await svc.history.read(user_id, svc.config.history_max_events)
     except RedisUnavailable as exc:
-        raise _redis_down(svc, exc) from None
+        raise redis_down(svc, exc) from None
     items = [{"item_id": e.item_id, "timestamp": e.timestamp} for e in events]
     return json_response(
         {
@@ -254,7 +175,7 @@ async def delete_history(user_id: UserIdPath, request: Request) -> Response:
     try:
         deleted = await svc.history.clear(user_id)
     except RedisUnavailable as exc:
-        raise _redis_down(svc, exc) from None
+        raise redis_down(svc, exc) from None
     return json_response({"user_id": user_id, "deleted": deleted})
 
 

@@ -22,7 +22,7 @@ import math
 import re
 import unicodedata
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -128,25 +128,28 @@ UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, json_schema
 K = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
+SOMETHING_TO_SEARCH = [
+    {"required": ["query"], "properties": {"query": {"type": "string", "pattern": r"\S"}}},
+    {"required": ["history"], "properties": {"history": {"type": "array", "minItems": 1}}},
+    {"required": ["user_id"], "properties": {"user_id": {"type": "string"}, "history": {"type": "null"}}},
+]
+
+
 def _something_to_search(schema: dict[str, Any]) -> None:
     """A non-blank query, a non-empty history, or a user_id without `history` (whose stored history is used)."""
     schema["examples"] = [
         {"query": "red running shoes", "history": ["i0000012", "i0000345"], "k": 10},
         {"user_id": "u42", "query": "gift for dad", "k": 20, "exclude_history": False},
     ]
-    schema["anyOf"] = [
-        {"required": ["query"], "properties": {"query": {"type": "string", "pattern": r"\S"}}},
-        {"required": ["history"], "properties": {"history": {"type": "array", "minItems": 1}}},
-        {"required": ["user_id"], "properties": {"user_id": {"type": "string"}, "history": {"type": "null"}}},
-    ]
+    schema["anyOf"] = SOMETHING_TO_SEARCH
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class SearchRequest(_Strict):
-    """Search with a query, a history, or both; without `history`, the history is read from Redis by `user_id`."""
+class _SearchInput(_Strict):
+    """(user_id, query, history): what h_t is computed from, for `/search` and `/embed` alike."""
 
     user_id: UserId | None = Field(
         None, description="Whose stored history to use when `history` is absent (ignored when it is given)."
@@ -160,10 +163,6 @@ class SearchRequest(_Strict):
         None,
         description="Clicked item ids, oldest first. Given: used as is (Redis is not read). Absent: read by user_id.",
     )
-    k: K = Field(10, ge=1, le=MAX_K, description="How many items to return (1..1000).")
-    exclude_history: StrictBool = Field(True, description="Leave the history's items out of the results.")
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_something_to_search)
 
     @field_validator("query")
     @classmethod
@@ -182,6 +181,15 @@ class SearchRequest(_Strict):
             for item in value:
                 check_id(item)
         return value
+
+
+class SearchRequest(_SearchInput):
+    """Search with a query, a history, or both; without `history`, the history is read from Redis by `user_id`."""
+
+    k: K = Field(10, ge=1, le=MAX_K, description="How many items to return (1..1000).")
+    exclude_history: StrictBool = Field(True, description="Leave the history's items out of the results.")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_something_to_search)
 
 
 class ScoredItem(_Strict):
@@ -242,6 +250,187 @@ class SearchResponse(_Strict):
             ]
         },
     )
+
+
+MAX_BATCH_INPUTS = 1024  # hard cap of a batch body's `inputs` (serve.max_batch_inputs is the configured one)
+
+
+def _batch_examples(schema: dict[str, Any]) -> None:
+    schema["examples"] = [
+        {
+            "inputs": [
+                {"query": "red running shoes", "history": ["i0000012", "i0000345"], "k": 5},
+                {"user_id": "u42", "query": "gift for dad", "k": 5},
+            ]
+        }
+    ]
+
+
+class BatchSearchRequest(_Strict):
+    """Many searches in one request (TEI's `inputs` habit): each input is a `/search` body.
+
+    The inputs are encoded together (they join the same micro-batches as single requests), and the
+    answer lists one result per input, in order. Any input that would fail alone fails the whole
+    request, with the error naming it (`inputs[3].query`): nothing is half-answered.
+    """
+
+    inputs: list[SearchRequest] = Field(
+        min_length=1, max_length=MAX_BATCH_INPUTS, description="The searches (at most serve.max_batch_inputs)."
+    )
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_batch_examples)
+
+
+class BatchSearchResponse(_Strict):
+    results: list[SearchResponse] = Field(description="One result per input, in the order of `inputs`.")
+    model_version: str
+    timings_ms: dict[str, float] = Field(description="`total`: from arrival to the response being built.")
+
+
+def _embed_input_rule(schema: dict[str, Any]) -> None:
+    schema["anyOf"] = SOMETHING_TO_SEARCH
+    schema["examples"] = [{"query": "gift mug", "history": ["i0000012"]}, {"user_id": "u42"}]
+
+
+class EmbedInput(_SearchInput):
+    """What one h_t is computed from: the same (user_id, query, history) rules as `/search`."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_embed_input_rule)
+
+
+EncodingFormat = Literal["float", "base64"]
+
+
+def _embed_examples(schema: dict[str, Any]) -> None:
+    schema["examples"] = [
+        {"inputs": [{"query": "red running shoes", "history": ["i0000012", "i0000345"]}], "item_ids": ["i0000077"]}
+    ]
+    schema["anyOf"] = [
+        {"required": ["inputs"], "properties": {"inputs": {"type": "array", "minItems": 1}}},
+        {"required": ["item_ids"], "properties": {"item_ids": {"type": "array", "minItems": 1}}},
+    ]
+
+
+class EmbedRequest(_Strict):
+    """Next-interest embeddings h_t (what `/search` searches the index with) and/or item vectors."""
+
+    inputs: list[EmbedInput] = Field(
+        default_factory=list,
+        max_length=MAX_BATCH_INPUTS,
+        description="h_t to compute (at most serve.max_batch_inputs).",
+    )
+    item_ids: list[ItemId] = Field(
+        default_factory=list,
+        max_length=MAX_K,
+        description="Items whose embeddings (as the index holds them) to return; unknown ids are a 422.",
+    )
+    encoding_format: EncodingFormat = Field(
+        "float", description="`float`: JSON numbers; `base64`: little-endian float32 bytes, base64 (4 bytes/value)."
+    )
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_embed_examples)
+
+    @field_validator("item_ids")
+    @classmethod
+    def _item_ids(cls, value: list[str]) -> list[str]:
+        for item in value:
+            check_id(item)
+        return value
+
+
+Vector = list[float] | str  # a float list, or base64 float32 with encoding_format=base64
+
+
+class EmbedInfo(_Strict):
+    history_used: int = Field(description="History items fed to the model (known, newest max_history).")
+    history_truncated: int = Field(description="Known history items left out because the history was too long.")
+    unknown_items: list[str] = Field(description="History item ids the bundle does not know (skipped).")
+    query_truncated: bool = Field(description="The query had more tokens than the bundle's max_query_tokens.")
+    degraded: bool = Field(description="The stored history could not be read (Redis down): query alone.")
+
+
+class EmbedResponse(_Strict):
+    model_version: str
+    dim: int = Field(description="Embedding dimension (h_t and item vectors share it; both unit length).")
+    embeddings: list[Vector] = Field(description="h_t per input, in order.")
+    inputs: list[EmbedInfo] = Field(description="What each input's h_t was computed from, in order.")
+    item_vectors: list[Vector] = Field(description="Per `item_ids` entry, in order.")
+    timings_ms: dict[str, float]
+
+
+def _openai_examples(schema: dict[str, Any]) -> None:
+    schema["examples"] = [
+        {"input": ["red running shoes", "gift for dad"], "model": "karma"},
+        {"input": "gift for dad", "model": "karma", "user": "u42", "encoding_format": "base64"},
+    ]
+
+
+class OpenAIEmbeddingsRequest(BaseModel):
+    """OpenAI's `/v1/embeddings` body: each `input` string is a query; `user` picks a stored history.
+
+    Clients that already speak OpenAI's embeddings API (the `openai` SDK, LangChain, LlamaIndex) get
+    h_t with no new code. `user` is the user id whose Redis history conditions every input (OpenAI
+    meant it for abuse tracking; here it personalises); without it, h_t is the query's alone. Token
+    arrays are refused (send text). `dimensions`, when given, must equal the model's dimension
+    (h_t is not a Matryoshka embedding: a prefix of it is not a smaller embedding).
+    """
+
+    input: Annotated[
+        str | list[str],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "pattern": ID_PATTERN},  # text with a non-space character
+                    {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": ID_PATTERN}},
+                ]
+            }
+        ),
+    ] = Field(description="One query or a list of queries (at most serve.max_batch_inputs), none blank.")
+    model: str | None = Field(None, max_length=MAX_ID_CHARS, description="Accepted and ignored (one model is served).")
+    encoding_format: EncodingFormat = Field("float", description="`float` or `base64` (little-endian float32).")
+    dimensions: StrictInt | None = Field(None, ge=1, description="Must equal the served dimension when given.")
+    user: UserId | None = Field(None, description="User id whose stored click history conditions h_t.")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_openai_examples)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(not isinstance(v, str) for v in value):
+            raise ValueError("token arrays are not supported: send the input as text")
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_BATCH_INPUTS:
+            raise ValueError(f"give 1 to {MAX_BATCH_INPUTS} inputs")
+        return value
+
+    @field_validator("input")
+    @classmethod
+    def _input_text(cls, value: str | list[str]) -> str | list[str]:
+        for text in [value] if isinstance(value, str) else value:
+            check_text(text, "input")  # blank inputs are refused by the route, which can name input[i]
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_id(value, "user")
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Vector
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int = Field(description="Query tokens read (at most max_query_tokens per input).")
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str = Field(description="The served model version.")
+    usage: OpenAIUsage
 
 
 class EventRequest(_Strict):

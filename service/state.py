@@ -28,6 +28,7 @@ from service.history import HistoryStore, RedisUnavailable
 from service.loadguard import LoadGuard, run_in_daemon_thread
 from service.metrics import Metrics
 from service.middleware import InFlight
+from service.tracing import Tracing
 
 log = logging.getLogger("karma.service")
 
@@ -46,6 +47,7 @@ class ServiceState:
         self.in_flight = in_flight
         self.engine: Engine | None = None
         self.batcher: MicroBatcher | None = None
+        self.tracing: Tracing | None = None  # service.tracing, when serve.tracing is on
         self.history: HistoryStore = HistoryStore(
             config.redis_url,
             config.redis_key_prefix,
@@ -249,6 +251,8 @@ class ServiceState:
         if self.batcher is not None:
             await self.batcher.stop(max(0.0, deadline - time.perf_counter()))
         await self.history.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # flushes the spans still queued for the exporter
         self.ready = False
         log.info("stopped")
 

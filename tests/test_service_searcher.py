@@ -42,6 +42,8 @@ def test_searcher_matches_the_http_service_and_exposes_h_t(tiny_export: tuple[Pa
         scores = searcher.item_vectors([x.item_id for x in hits]) @ h
         np.testing.assert_allclose(scores, [x.score for x in hits], rtol=1e-4, atol=1e-5)
     assert answers[0]["model_version"] == searcher.model_version
+    skipped = searcher.search(query="red running shoes", history=[*items[3:9], "not-an-item"], k=7)
+    assert [h.item_id for h in skipped] == [i["item_id"] for i in answers[0]["items"]]  # unknown ids skipped
     excluded = set(items[40:60])
     assert not excluded & {h.item_id for h in searcher.search(history=items[40:60], k=5, exclude_history=True)}
 
@@ -50,7 +52,8 @@ def test_searcher_matches_the_http_service_and_exposes_h_t(tiny_export: tuple[Pa
     ("kwargs", "message"),
     [
         ({"query": "", "history": []}, "nothing to search with"),
-        ({"query": "x", "history": ["not-an-item"]}, "not in this bundle's catalog"),
+        ({"query": "x", "history": ["not-an-item"], "strict": True}, "not in this bundle's catalog"),
+        ({"query": "", "history": ["not-an-item"]}, "not in this bundle's catalog"),
         ({"query": "x", "k": 0}, "k must be between 1"),
     ],
 )
