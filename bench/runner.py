@@ -30,70 +30,23 @@ import math
 import os
 import platform
 import random
-import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bench import harness
+from bench.config import PARTS, QUICK, BenchConfig
 from bench.loadgen import run_load
 from bench.stats import ab_ratios, summarize, sustained
 from karma.errors import KarmaError
 
 log = logging.getLogger("karma.bench")
-
-PARTS = ("serving", "zero-cost", "index")
-
-
-@dataclass
-class BenchConfig:
-    out: Path = Path("artifacts/bench")
-    workdir: Path | None = None  # bundles are built here (default: <out>/work)
-    bundle_a: Path | None = None  # action-only bundle
-    bundle_b: Path | None = None  # karma bundle: the served one in part serving
-    checkpoint: Path | None = None  # bundle_b's checkpoint (naive baseline)
-    parts: tuple[str, ...] = PARTS
-    backends: tuple[str, ...] = ("service", "batching off", "naive")  # part serving: which of BACKENDS
-    train_sets: list[str] = field(default_factory=list)  # when building: training overrides
-    items: int = 10_000  # when building: synthetic catalog size
-    history: int | None = None  # history items per request (default: the model's max_history)
-    k: int = 10
-    bodies: int = 2000  # distinct request bodies, cycled
-    rates: list[float] = field(default_factory=lambda: [50.0, 100.0, 200.0, 400.0, 800.0])
-    warmup_s: float = 2.0
-    duration_s: float = 12.0
-    concurrency: int = 32
-    slo_p99_ms: float = 50.0
-    probes: int = 5
-    probe_s: float = 8.0
-    zero_cost_s: float = 60.0
-    zero_cost_blocks: int = 6
-    index_sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000])
-    index_dim: int | None = None  # default: the served embedding dim (64 when no bundle is at hand)
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    seed: int = 0
-    quick: bool = False
-
-
-# What `--quick` changes: a 1k-item tiny model, short runs, a small index bench (a smoke test, ~2-3 min).
-QUICK = {
-    "rates": [50.0, 200.0],
-    "warmup_s": 0.5,
-    "duration_s": 3.0,
-    "concurrency": 16,
-    "probes": 2,
-    "probe_s": 3.0,
-    "zero_cost_s": 6.0,
-    "zero_cost_blocks": 4,
-    "index_sizes": [50_000],
-    "bodies": 300,
-}
 
 # Bundles built for the full run: the project's default model (tiny Llama backbone, 2 layers, hidden 64,
 # D = 64, max_history 50, MiniLM text + visual features) on the default 10k-item synthetic catalog,
@@ -588,77 +541,23 @@ def config_for(quick: bool, **given: Any) -> BenchConfig:
     return replace(cfg, **{k: v for k, v in given.items() if v is not None})
 
 
-# ---- command line (`karma bench`) ---------------------------------------------------------------------------
+# ---- command line (`karma bench`, built in karma/cli.py) ----------------------------------------------------
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def _ints(text: str) -> list[int]:
-    return [int(float(x)) for x in text.split(",") if x.strip()]
-
-
-def parse_args(argv: list[str]) -> tuple[bool, dict[str, Any]]:
-    import argparse
-
-    full = BenchConfig()
-    p = argparse.ArgumentParser(
-        prog="karma bench",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--out", type=Path, help=f"Results folder (default {full.out}).")
-    p.add_argument("--quick", action="store_true", help="Smoke run: 1k-item tiny model, short runs (~3 min).")
-    p.add_argument("--parts", type=_names, help=f"Comma-separated subset of {','.join(PARTS)} (default: all).")
-    p.add_argument(
-        "--backends", type=_names, help="Part serving: comma-separated subset of service,batching off,naive."
-    )
-    p.add_argument("--bundle-a", type=Path, help="Action-only bundle (part zero-cost).")
-    p.add_argument("--bundle-b", type=Path, help="Karma bundle: the served one (parts serving, zero-cost).")
-    p.add_argument("--checkpoint", type=Path, help="Bundle b's training checkpoint (the naive baseline).")
-    p.add_argument("--workdir", type=Path, help="Build the bundles here (default <out>/work).")
-    p.add_argument("--items", type=int, help=f"Synthetic catalog size of built bundles (default {full.items:,}).")
-    p.add_argument("--train-set", dest="train_sets", action="append", help="Training override for built bundles.")
-    p.add_argument("--history", type=int, help="History items per request (default: the model's max_history).")
-    p.add_argument("--k", type=int, help=f"Results per request (default {full.k}).")
-    p.add_argument("--rates", type=_floats, help=f"Fixed arrival rates, req/s (default {full.rates}).")
-    p.add_argument("--warmup", dest="warmup_s", type=float, help=f"Warm-up s per run (default {full.warmup_s}).")
-    p.add_argument("--duration", dest="duration_s", type=float, help=f"Measured s per run (default {full.duration_s}).")
-    p.add_argument("--concurrency", type=int, help=f"In flight at saturation (default {full.concurrency}).")
-    p.add_argument("--slo-p99-ms", type=float, help=f"p99 budget of the capacity search (default {full.slo_p99_ms}).")
-    p.add_argument("--probes", type=int, help=f"Capacity bisection probes per backend (default {full.probes}).")
-    p.add_argument("--probe-s", type=float, help=f"Measured s per probe (default {full.probe_s}).")
-    p.add_argument("--zero-cost-s", type=float, help=f"Measured s of the A/B run (default {full.zero_cost_s}).")
-    p.add_argument(
-        "--zero-cost-blocks", type=int, help=f"Blocks for the ratio spread (default {full.zero_cost_blocks})."
-    )
-    p.add_argument("--index-sizes", type=_ints, help=f"Index bench sizes (default {full.index_sizes}).")
-    p.add_argument("--index-dim", type=int, help="Index bench vector width (default: the served D).")
-    p.add_argument("--redis-url", help="Redis for the servers (default: serve.redis_url).")
-    p.add_argument("--seed", type=int)
-    args = vars(p.parse_args(argv))
-    quick = args.pop("quick")
-    if args["redis_url"] is None:
-        from karma.config import load_config
-
-        args["redis_url"] = load_config().serve.redis_url
-    return quick, args
-
-
-def main(argv: list[str]) -> dict[str, Any]:
-    """`karma bench ARGS`: run, write the results, print the Markdown tables."""
+def main(quick: bool, given: dict[str, Any], command: str) -> dict[str, Any]:
+    """`karma bench …`: run with the given options (None = default), write the results, print the tables."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    quick, given = parse_args(argv)
+    if given.get("redis_url") is None:
+        from karma.config import load_config
+
+        given["redis_url"] = load_config().serve.redis_url
+    unknown = sorted(set(given.get("parts") or ()) - set(PARTS))
+    if unknown:
+        raise KarmaError(f"--parts: unknown part(s) {unknown}; known: {', '.join(PARTS)}")
     cfg = config_for(quick, **given)
-    results = run_bench(cfg, " ".join(["karma bench", shlex.join(argv)]).strip())
+    results = run_bench(cfg, command)
     print((cfg.out / "bench.md").read_text())
     return results

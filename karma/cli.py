@@ -8,16 +8,19 @@ the commands so `karma --help` stays instant.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from bench.config import PARTS, BenchConfig
 from karma.config import KarmaConfig, config_to_yaml, load_config
 from karma.errors import KarmaError
 
@@ -176,7 +179,20 @@ def demo(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     _demo_export_and_search(run_dir(cfg) / "checkpoint", bundle_dir, dataset, split)
     typer.echo(f"[7/{steps}] serve the bundle (karma serve) and call POST /events, then POST /search")
     _demo_serve_and_search(bundle_dir, cfg, dataset, split)
+    _demo_next_steps(run_dir(cfg), bundle_dir)
+
+
+def _demo_next_steps(run: Path, bundle_dir: Path) -> None:
+    """Where the demo left its results, and the commands that take it further."""
+    plots = sorted(run.rglob("*.png"))
+    exe = Path(sys.executable).with_name("karma")
+    karma = str(exe.relative_to(Path.cwd())) if exe.is_file() and exe.is_relative_to(Path.cwd()) else "karma"
     typer.echo("demo: done")
+    typer.echo(f"  plots ({len(plots)}): " + (", ".join(str(p) for p in plots) if plots else "none"))
+    if (run / "tensorboard").is_dir():
+        typer.echo(f"  training log: {run / 'train_log.jsonl'}   tensorboard --logdir {run / 'tensorboard'}")
+    typer.echo(f"  serve it:     {karma} serve --bundle {bundle_dir}   (then POST /search; API docs at /docs)")
+    typer.echo(f"  evaluate:     {karma} evaluate {run}   collapse diagnostics: {karma} diagnose {run}")
 
 
 def _demo_serve_and_search(bundle_dir: Path, cfg: KarmaConfig, dataset, split) -> None:
@@ -282,7 +298,7 @@ def evaluate(
     from training.evaluate import evaluate_checkpoint
 
     if which not in {"valid", "test"}:
-        raise KarmaError(f"--split must be valid or test, got {which!r}")
+        raise KarmaError(f"--split must be 'valid' or 'test', got {which!r}")
     _setup(None, [])
     checkpoint = resolve_checkpoint(checkpoint)
     info = read_checkpoint_info(checkpoint)
@@ -421,12 +437,57 @@ def export_bundle(
         )
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
-def baselines(ctx: typer.Context) -> None:
-    """Most-popular and SASRec under the full-ranking protocol; `karma baselines --help` lists the flags."""
-    from training.baselines.runner import main as run_baselines
+def _baselines(**given: Any) -> None:
+    """Most-popular, frozen content and SASRec under the full-ranking protocol (SASRec knobs: --epochs …)."""
+    from training.baselines.runner import run_baselines_command
 
-    run_baselines(ctx.args)
+    run_baselines_command(**given)
+
+
+def _baselines_signature() -> inspect.Signature:
+    """`karma baselines`' parameters: the fixed ones, then one --flag per SASRecConfig field (one source)."""
+    from dataclasses import fields
+
+    from training.baselines_config import BASELINES, SASRecConfig
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter(
+            "dataset", kw, annotation=Annotated[str, typer.Argument(help="Data set: synthetic, ml-1m, …")]
+        ),
+        inspect.Parameter("config", kw, default=None, annotation=ConfigOpt),
+        inspect.Parameter("set_", kw, default=None, annotation=SetOpt),
+        inspect.Parameter(
+            "which",
+            kw,
+            default=",".join(BASELINES),
+            annotation=Annotated[str, typer.Option(help=f"Comma-separated baselines: {', '.join(BASELINES)}.")],
+        ),
+        inspect.Parameter(
+            "split",
+            kw,
+            default="test",
+            annotation=Annotated[str, typer.Option(help="valid or test (as karma evaluate).")],
+        ),
+        inspect.Parameter("device", kw, default="cpu", annotation=Annotated[str, typer.Option(help="cpu or cuda.")]),
+        inspect.Parameter(
+            "json_out",
+            kw,
+            default=None,
+            annotation=Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")],
+        ),
+    ]
+    for f in fields(SASRecConfig):
+        kind = {"int | None": int, "float | None": float}.get(str(f.type)) or {"int": int, "float": float}.get(
+            str(f.type), str
+        )
+        annotation = Annotated[kind | None, typer.Option(f"--{f.name.replace('_', '-')}", help=f"SASRec {f.name}.")]
+        params.append(inspect.Parameter(f"sasrec_{f.name}", kw, default=f.default, annotation=annotation))
+    return inspect.Signature(params)
+
+
+_baselines.__signature__ = _baselines_signature()  # type: ignore[attr-defined]
+app.command("baselines")(_baselines)
 
 
 @app.command()
@@ -485,7 +546,8 @@ def compare(
 
 @app.command()
 def study(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Study file, e.g. studies/ml-1m.yaml.")],
+    study_file: Annotated[Path | None, typer.Argument(help="Study file, e.g. studies/ml-1m.yaml.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="The study file, as an option.")] = None,
     set_: SetOpt = None,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Only regenerate RESULTS.md, results.json and figures.")
@@ -525,6 +587,10 @@ def study(
     """
     from training.study import load_study, rediagnose, run_study
 
+    if (study_file is None) == (config is None):
+        raise KarmaError("karma study: give one study file, e.g. karma study studies/ml-1m.yaml (or --config FILE)")
+    config = study_file or config
+    assert config is not None
     _setup(None, [])
     spec = load_study(config)
     extra = list(set_ or [])
@@ -618,13 +684,101 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
-def bench(ctx: typer.Context) -> None:
+def _csv(kind: type) -> Any:
+    """A typer parser for comma-separated values ("50,200" -> [50.0, 200.0])."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(float(x)) if kind is int else kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__}s") from None
+
+    return parse
+
+
+_BENCH = BenchConfig()
+_B = "karma bench"
+
+
+@app.command()
+def bench(
+    out: Annotated[Path | None, typer.Option(help=f"Results folder (default {_BENCH.out}).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Smoke run: 1k-item tiny model, short runs (~3 min).")] = False,
+    parts: Annotated[
+        str | None, typer.Option(help=f"Comma-separated subset of {','.join(PARTS)} (default all).")
+    ] = None,
+    backends: Annotated[
+        str | None, typer.Option(help="Part serving: comma-separated subset of service,batching off,naive.")
+    ] = None,
+    bundle_a: Annotated[Path | None, typer.Option(help="Action-only bundle (part zero-cost).")] = None,
+    bundle_b: Annotated[
+        Path | None, typer.Option(help="Karma bundle: the served one (parts serving, zero-cost).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Bundle b's training checkpoint (the naive baseline).")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Build the bundles here (default <out>/work).")] = None,
+    items: Annotated[
+        int | None, typer.Option(min=1, help=f"Synthetic catalog size of built bundles ({_BENCH.items:,}).")
+    ] = None,
+    train_set: Annotated[
+        list[str] | None, typer.Option(help="Training override for built bundles (repeatable).")
+    ] = None,
+    history: Annotated[
+        int | None, typer.Option(min=0, help="History items per request (default: max_history).")
+    ] = None,
+    k: Annotated[int | None, typer.Option(min=1, help=f"Results per request ({_BENCH.k}).")] = None,
+    rates: Annotated[
+        str | None, typer.Option(help=f"Fixed arrival rates, req/s ({','.join(map(str, _BENCH.rates))}).")
+    ] = None,
+    warmup: Annotated[float | None, typer.Option(min=0, help=f"Warm-up s per run ({_BENCH.warmup_s}).")] = None,
+    duration: Annotated[float | None, typer.Option(min=0, help=f"Measured s per run ({_BENCH.duration_s}).")] = None,
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help=f"In flight at saturation ({_BENCH.concurrency}).")
+    ] = None,
+    slo_p99_ms: Annotated[
+        float | None, typer.Option(min=0, help=f"p99 budget of the capacity search ({_BENCH.slo_p99_ms}).")
+    ] = None,
+    probes: Annotated[
+        int | None, typer.Option(min=0, help=f"Capacity bisection probes per backend ({_BENCH.probes}).")
+    ] = None,
+    probe_s: Annotated[float | None, typer.Option(min=0, help=f"Measured s per probe ({_BENCH.probe_s}).")] = None,
+    zero_cost_s: Annotated[
+        float | None, typer.Option(min=0, help=f"Measured s of the A/B run ({_BENCH.zero_cost_s}).")
+    ] = None,
+    zero_cost_blocks: Annotated[
+        int | None, typer.Option(min=1, help=f"Blocks for the ratio spread ({_BENCH.zero_cost_blocks}).")
+    ] = None,
+    index_sizes: Annotated[
+        str | None, typer.Option(help=f"Index bench sizes ({','.join(map(str, _BENCH.index_sizes))}).")
+    ] = None,
+    index_dim: Annotated[
+        int | None, typer.Option(min=1, help="Index bench vector width (default: the served D).")
+    ] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis for the servers (default: serve.redis_url).")] = None,
+    seed: Annotated[int | None, typer.Option(help=f"Seed ({_BENCH.seed}).")] = None,
+) -> None:
     """Serving benchmark: service vs naive PyTorch baseline, batching on/off, KARMA vs action-only, FAISS
-    indexes; writes JSON, Markdown and PNG plots (artifacts/bench). `karma bench --help` lists the flags."""
+    indexes; writes JSON, Markdown and PNG plots (artifacts/bench). Parts and method: bench/runner.py."""
     from bench.runner import main as run_bench
 
-    run_bench(ctx.args)
+    lists = {
+        "parts": (parts, str),
+        "backends": (backends, str),
+        "rates": (rates, float),
+        "index_sizes": (index_sizes, int),
+    }
+    parsed = {name: None if text is None else _csv(kind)(text) for name, (text, kind) in lists.items()}
+    for name in ("parts", "backends"):
+        parsed[name] = tuple(parsed[name]) if parsed[name] is not None else None
+    given = {
+        **parsed, "out": out, "bundle_a": bundle_a, "bundle_b": bundle_b, "checkpoint": checkpoint, "workdir": workdir,
+        "items": items, "train_sets": train_set, "history": history, "k": k, "warmup_s": warmup,
+        "duration_s": duration, "concurrency": concurrency, "slo_p99_ms": slo_p99_ms, "probes": probes,
+        "probe_s": probe_s, "zero_cost_s": zero_cost_s, "zero_cost_blocks": zero_cost_blocks,
+        "index_dim": index_dim, "redis_url": redis_url, "seed": seed,
+    }  # fmt: skip
+    run_bench(quick, given, shlex.join([_B, *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else _B)
 
 
 def main() -> None:

@@ -243,5 +243,11 @@ def test_karma_bench_help_and_bad_parts() -> None:
 
     help_ = subprocess.run([KARMA_BIN, "bench", "--help"], capture_output=True, text=True, timeout=60)
     assert help_.returncode == 0 and "--bundle-a" in help_.stdout and "zero-cost" in help_.stdout
+    assert "Usage: karma bench" in help_.stdout  # typer, like every other command
     bad = subprocess.run([KARMA_BIN, "bench", "--parts", "nope"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown part(s) ['nope']")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --parts: unknown part(s) ['nope']; known: " + (
+        "serving, zero-cost, index"
+    )
+    typo = subprocess.run([KARMA_BIN, "bench", "--rates", "fast"], capture_output=True, text=True, timeout=60)
+    assert typo.returncode == 2 and "'fast' is not a comma-separated list of floats" in typo.stderr
+    assert "Traceback" not in typo.stderr

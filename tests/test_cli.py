@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -47,6 +48,9 @@ def test_demo_runs_data_split_features_stats(tmp_path: Path) -> None:
         "KARMA karma",
         "most-popular",
         "demo: done",
+        "plots (",
+        "serve it:",
+        "serve --bundle ",
     ):
         assert step in out
     assert "1,000 x 160 [text:hashing-128=128, visual:data=32]" in out
@@ -163,3 +167,24 @@ def test_baselines_with_an_unknown_name_is_one_line_before_any_work(tmp_path: Pa
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --which: unknown baseline(s) ['foo']; known: popular, sasrec, content"
     assert not (tmp_path / "data").exists()  # refused before the data set was built
+
+
+def test_baselines_is_a_typer_command_with_one_flag_per_sasrec_knob(tmp_path: Path) -> None:
+    help_text = run_karma("baselines", "--help", env_artifacts=tmp_path)
+    assert help_text.returncode == 0 and "Usage: karma baselines" in help_text.stdout
+    for flag in ("--which", "--split", "--json", "--epochs", "--max-cpu-seconds", "--max-windows-per-user"):
+        assert flag in help_text.stdout, flag
+    bad = run_karma("baselines", "synthetic", "--epochs", "many", env_artifacts=tmp_path)
+    assert bad.returncode == 2 and "Invalid value for '--epochs'" in bad.stderr and "Traceback" not in bad.stderr
+    out = tmp_path / "popular.json"
+    ok = run_karma("baselines", "synthetic", *TINY, "--which", "popular", "--json", str(out), env_artifacts=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert set(json.loads(out.read_text())["results"]) == {"popular"}
+
+
+def test_study_takes_its_file_as_an_argument_or_option(tmp_path: Path) -> None:
+    for args in (["study", str(tmp_path / "nope.yaml")], ["study", "--config", str(tmp_path / "nope.yaml")]):
+        result = run_karma(*args, env_artifacts=tmp_path)
+        assert result.returncode == 2 and result.stderr.strip().startswith("error: study file"), result.stderr
+    neither = run_karma("study", env_artifacts=tmp_path)
+    assert neither.returncode == 2 and "give one study file" in neither.stderr
