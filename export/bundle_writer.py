@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,7 +80,14 @@ def export_config(checkpoint: Path, overrides: Sequence[str] = ()) -> KarmaConfi
                 f"export: {key!r} cannot be overridden (the checkpoint fixes the model and data); "
                 f"allowed: {', '.join(ALLOWED_OVERRIDES)}"
             )
-    return load_config(overrides=list(overrides), environ={}, base=info.config)
+    return load_config(overrides=list(overrides), environ=allowed_environ(os.environ), base=info.config)
+
+
+def allowed_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """The KARMA_* variables for the allowed keys (KARMA_PATHS__ARTIFACTS, KARMA_TRAIN__THREADS, …): the env layer
+    of the config promise (defaults < file < env < --set) holds for export too, within what it may change."""
+    prefixes = tuple("KARMA_" + key.rstrip(".").upper().replace(".", "__") for key in ALLOWED_OVERRIDES)
+    return {k: v for k, v in environ.items() if k.startswith(prefixes)}
 
 
 def _training_metrics(checkpoint: Path) -> dict[str, Any] | None:

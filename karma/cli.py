@@ -190,7 +190,13 @@ def _demo_next_steps(run: Path, bundle_dir: Path) -> None:
     typer.echo("demo: done")
     typer.echo(f"  plots ({len(plots)}): " + (", ".join(str(p) for p in plots) if plots else "none"))
     if (run / "tensorboard").is_dir():
-        typer.echo(f"  training log: {run / 'train_log.jsonl'}   tensorboard --logdir {run / 'tensorboard'}")
+        board = exe.with_name("tensorboard")
+        board_cmd = (
+            str(board.relative_to(Path.cwd()))
+            if board.is_file() and board.is_relative_to(Path.cwd())
+            else "tensorboard"
+        )
+        typer.echo(f"  training log: {run / 'train_log.jsonl'}   {board_cmd} --logdir {run / 'tensorboard'}")
     typer.echo(f"  serve it:     {karma} serve --bundle {bundle_dir}   (then POST /search; API docs at /docs)")
     typer.echo(f"  evaluate:     {karma} evaluate {run}   collapse diagnostics: {karma} diagnose {run}")
 

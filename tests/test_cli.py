@@ -188,3 +188,42 @@ def test_study_takes_its_file_as_an_argument_or_option(tmp_path: Path) -> None:
         assert result.returncode == 2 and result.stderr.strip().startswith("error: study file"), result.stderr
     neither = run_karma("study", env_artifacts=tmp_path)
     assert neither.returncode == 2 and "give one study file" in neither.stderr
+
+
+def test_every_command_reads_the_environment_layer(tmp_path: Path, tiny_export: tuple[Path, Path]) -> None:
+    """defaults < file < KARMA_* env < --set in every command: a bad env value is refused, naming the variable."""
+    checkpoint, bundle = tiny_export
+    bad_level = {"KARMA_LOG_LEVEL": "LOUD"}
+    cases = [
+        (["train"], bad_level),
+        (["demo"], bad_level),
+        (["data", "stats", "synthetic"], bad_level),
+        (["config", "show"], bad_level),
+        (["serve", "--bundle", str(bundle)], bad_level),
+        (["baselines", "synthetic", "--which", "popular"], bad_level),
+        (["bench", "--quick"], bad_level),
+        (["study", "studies/smoke.yaml"], bad_level),
+        (["diagnose", str(checkpoint)], bad_level),
+        (["export", str(checkpoint), "--out", str(tmp_path / "b")], bad_level),
+        (["evaluate", str(checkpoint)], {"KARMA_EVAL__MAX_USERS": "some"}),  # the checkpoint fixes the rest
+    ]
+    for args, env in cases:
+        result = subprocess.run(
+            [KARMA_BIN, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+        )
+        name = next(iter(env))
+        assert result.returncode == 2, (args, result.stdout[-500:], result.stderr[-500:])
+        assert result.stderr.strip().splitlines()[-1].startswith(f"error: environment variable {name}"), (
+            args,
+            result.stderr[-500:],
+        )
+    assert not (tmp_path / "b").exists()
+    # and an allowed env override really applies in export (a location: where the data cache would go)
+    moved = subprocess.run(
+        [KARMA_BIN, "export", str(checkpoint), "--out", str(tmp_path / "b2")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KARMA_MODEL__EMBED_DIM": "8", "KARMA_TRAIN__THREADS": "1"},
+    )
+    assert moved.returncode == 0, moved.stderr  # model.* from the env is not for export: ignored, not applied
