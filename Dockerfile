@@ -24,6 +24,7 @@ COPY training ./training
 COPY export ./export
 COPY service ./service
 COPY bench ./bench
+COPY recipes ./recipes
 
 # ---- CPU serving: build ------------------------------------------------------------------------
 FROM python:3.11-slim AS build

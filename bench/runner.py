@@ -28,7 +28,6 @@ import datetime as dt
 import logging
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -45,6 +44,7 @@ from bench.config import PARTS, QUICK, BenchConfig
 from bench.loadgen import run_load
 from bench.stats import ab_ratios, summarize, sustained
 from karma.errors import KarmaError
+from karma.machine import machine, machine_line
 
 log = logging.getLogger("karma.bench")
 
@@ -94,48 +94,6 @@ def plan_steps(cfg: BenchConfig, build: bool) -> int:
 
 
 # ---- the machine -----------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    """CPU model and cores, memory, load, and the versions that matter for these numbers."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from karma.machine import cpu_model, usable_cores
-
-    mem_gib = None
-    with contextlib.suppress(OSError, ValueError):
-        meminfo = Path("/proc/meminfo").read_text().split()
-        mem_gib = round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1)
-    versions = {}
-    for name in ("onnxruntime", "faiss-cpu", "torch", "fastapi", "uvicorn", "uvloop", "httptools", "numpy"):
-        with contextlib.suppress(PackageNotFoundError):
-            versions[name] = version(name)
-    cpu_id, isa = "", []
-    with contextlib.suppress(OSError):
-        info = dict(
-            line.split(":", 1)
-            for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-            if ":" in line
-        )
-        info = {k.strip(): v.strip() for k, v in info.items()}
-        cpu_id = f"family {info.get('cpu family')} model {info.get('model')}"
-        flags = set(info.get("flags", "").split())
-        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    return {
-        "cpu": cpu_model(),
-        "cpu_id": cpu_id,
-        "isa": isa,
-        "cores": usable_cores(),
-        "memory_gib": mem_gib,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "os": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "versions": versions,
-    }
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    return f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}"
 
 
 # ---- bundles and requests ----------------------------------------------------------------------------
@@ -541,7 +499,7 @@ def config_for(quick: bool, **given: Any) -> BenchConfig:
     return replace(cfg, **{k: v for k, v in given.items() if v is not None})
 
 
-# ---- command line (`karma bench`, built in karma/cli.py) ----------------------------------------------------
+# ---- command line (`karma bench`, built in recipes/cli.py) ----------------------------------------------------
 
 
 def main(quick: bool, given: dict[str, Any], command: str) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from karma.machine import cpu_model, usable_cores
+from karma.machine import machine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -56,22 +55,6 @@ VARIANTS = (
 )
 REFERENCE = "fp32, session opt off"
 SERVICE_BATCH = 32  # the service's default max_batch_size: users are encoded in batches of this size
-
-
-def machine() -> dict[str, Any]:
-    import onnxruntime as ort
-    import torch
-
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "affinity_cpus": usable_cores(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
-        "threads": "ORT intra_op=1 inter_op=1, torch 1",
-    }
 
 
 # ---- inputs, built as the service builds them ---------------------------------------------------------
@@ -150,7 +133,7 @@ def item_throughput(
     sessions: dict[str, Any], features: np.ndarray, buckets: np.ndarray | None, repeats: int, chunk: int = 4096
 ) -> dict[str, dict[str, float]]:
     """Items/s over the whole catalog, each repeat interleaved across variants; median repeat."""
-    from karma.bundle import ITEM_BUCKETS_INPUT, ITEM_INPUT
+    from karma.contracts import ITEM_BUCKETS_INPUT, ITEM_INPUT
 
     def encode(session: Any) -> None:
         for start in range(0, len(features), chunk):
@@ -198,7 +181,7 @@ def encode_users(session: Any, feeder: Feeder, queries: list[str], histories: li
 
 
 def encode_items(session: Any, features: np.ndarray, buckets: np.ndarray | None, chunk: int = 4096) -> np.ndarray:
-    from karma.bundle import ITEM_BUCKETS_INPUT, ITEM_INPUT
+    from karma.contracts import ITEM_BUCKETS_INPUT, ITEM_INPUT
 
     out = []
     for start in range(0, len(features), chunk):
@@ -451,7 +434,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     m = report["machine"]
     fig.suptitle(
         f"{Path(report['checkpoint']).parent.name} ({report['backbone']}, {report['n_items']:,} items): "
-        f"ONNX Runtime {m['onnxruntime']} CPU, 1 thread, {m['cpu']} ({m['affinity_cpus']} CPUs)",
+        f"ONNX Runtime {m['versions'].get('onnxruntime')} CPU, 1 thread, {m['cpu']} ({m['cores']} CPUs)",
         fontsize=10,
     )
     fig.tight_layout()

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from karma.machine import machine, machine_line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,17 +52,6 @@ def run_child(items: int, users: int, events: int, seed: int) -> dict[str, Any]:
         "peak_rss_mib": round(peak, 1),
         "peak_rss_increase_mib": round(peak - baseline, 1),
         "stats": ds.meta["stats"],
-    }
-
-
-def machine() -> dict[str, Any]:
-    """Where the numbers came from."""
-    return {
-        "cpu_count": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
     }
 
 
@@ -103,7 +92,7 @@ def show(result: dict[str, Any]) -> None:
     )
     Console().print(table)
     m = result["machine"]
-    Console().print(f"machine: {m['cpu_count']} CPUs ({m['affinity_cpus']} usable), {m['platform']}")
+    Console().print(f"machine: {machine_line(m)}, {m['os']}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -77,7 +77,7 @@ class Server:
         self.redis_url = redis_url
         self.log = tempfile.TemporaryFile("w+")  # noqa: SIM115  (closed in stop)
         command = [
-            sys.executable, "-m", "karma.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
+            sys.executable, "-m", "recipes.cli", "serve", "--bundle", str(bundle), "--port", str(self.port),
             "--set", f"serve.redis_url={redis_url}", "--set", f"serve.redis_key_prefix={self.prefix}",
             "--set", "serve.access_log=false", "--set", "serve.bundle_root=/", *[a for s in sets for a in ("--set", s)],
         ]  # fmt: skip

@@ -33,18 +33,20 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from karma.bundle import (
+from karma.bundle import DroppedTensor, GraphSpec, TensorSpec
+from karma.config import KarmaConfig
+from karma.contracts import (
+    HIST_FEATURES_INPUT,
+    HIST_MASK_INPUT,
     ITEM_BUCKETS_INPUT,
     ITEM_INPUT,
     ITEM_OUTPUT,
     QUERY_BUCKETS_INPUT,
+    QUERY_IDS_INPUT,
     QUERY_INPUTS,
+    QUERY_MASK_INPUT,
     QUERY_OUTPUT,
-    DroppedTensor,
-    GraphSpec,
-    TensorSpec,
 )
-from karma.config import KarmaConfig
 from karma.errors import KarmaError
 from training.checkpoint import BACKBONE_CONFIG_FILE, MODEL_FILE
 from training.model.towers import ItemTower, QueryTower
@@ -152,10 +154,10 @@ def example_query_inputs(
     hist_mask[0, : hist_len // 2] = 0
     rows = rng.integers(0, len(features), (batch, hist_len))
     inputs = {
-        "query_ids": query_ids,
-        "query_mask": query_mask,
-        "hist_features": torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32)),
-        "hist_mask": hist_mask,
+        QUERY_IDS_INPUT: query_ids,
+        QUERY_MASK_INPUT: query_mask,
+        HIST_FEATURES_INPUT: torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32)),
+        HIST_MASK_INPUT: hist_mask,
     }
     if id_buckets:
         inputs[QUERY_BUCKETS_INPUT] = torch.from_numpy(rng.integers(0, id_buckets, (batch, hist_len)))
@@ -175,10 +177,10 @@ def example_item_inputs(features: np.ndarray, id_buckets: int, n: int = 3) -> di
 
 def _axes(name: str) -> dict[int, str]:
     return {
-        "query_ids": {0: "batch", 1: "query_tokens"},
-        "query_mask": {0: "batch", 1: "query_tokens"},
-        "hist_features": {0: "batch", 1: "history"},
-        "hist_mask": {0: "batch", 1: "history"},
+        QUERY_IDS_INPUT: {0: "batch", 1: "query_tokens"},
+        QUERY_MASK_INPUT: {0: "batch", 1: "query_tokens"},
+        HIST_FEATURES_INPUT: {0: "batch", 1: "history"},
+        HIST_MASK_INPUT: {0: "batch", 1: "history"},
         QUERY_BUCKETS_INPUT: {0: "batch", 1: "history"},
         QUERY_OUTPUT: {0: "batch"},
         ITEM_INPUT: {0: "items"},

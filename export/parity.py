@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from karma.bundle import (
+from karma.bundle import ITEM_ENCODER_FILE, QUERY_ENCODER_FILE, open_session
+from karma.contracts import (
+    HIST_FEATURES_INPUT,
+    HIST_MASK_INPUT,
     ITEM_BUCKETS_INPUT,
-    ITEM_ENCODER_FILE,
     QUERY_BUCKETS_INPUT,
-    QUERY_ENCODER_FILE,
-    open_session,
+    QUERY_IDS_INPUT,
+    QUERY_MASK_INPUT,
 )
 from karma.errors import KarmaError
 from training.setup import Setup
@@ -44,7 +46,7 @@ def _compare(reference: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
 def _fit_history(inputs: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
     """Cut (keep the newest) or left-pad the history axis to exactly `length`."""
     out = dict(inputs)
-    for name in ("hist_features", "hist_mask", QUERY_BUCKETS_INPUT):
+    for name in (HIST_FEATURES_INPUT, HIST_MASK_INPUT, QUERY_BUCKETS_INPUT):
         if name not in inputs:
             continue
         value = inputs[name]
@@ -54,7 +56,7 @@ def _fit_history(inputs: dict[str, torch.Tensor], length: int) -> dict[str, torc
         else:
             pad = torch.zeros((value.shape[0], length - have, *value.shape[2:]), dtype=value.dtype)
             out[name] = torch.cat([pad, value], dim=1)
-    mask = out["hist_mask"] = out["hist_mask"].clone()
+    mask = out[HIST_MASK_INPUT] = out[HIST_MASK_INPUT].clone()
     empty = mask.sum(1) == 0
     if empty.any():  # a cut can leave a row without history only if it had none; keep one real slot
         mask[empty, -1] = 1
@@ -76,10 +78,10 @@ def _random_query_inputs(
     mean, std = matrix.mean(0), matrix.std(0) + 1e-3
     features = (rng.standard_normal((batch, length, matrix.shape[1])) * std + mean).astype(np.float32)
     inputs = {
-        "query_ids": torch.from_numpy(query_ids),
-        "query_mask": torch.from_numpy(query_mask),
-        "hist_features": torch.from_numpy(features),
-        "hist_mask": torch.from_numpy(hist_mask),
+        QUERY_IDS_INPUT: torch.from_numpy(query_ids),
+        QUERY_MASK_INPUT: torch.from_numpy(query_mask),
+        HIST_FEATURES_INPUT: torch.from_numpy(features),
+        HIST_MASK_INPUT: torch.from_numpy(hist_mask),
     }
     if id_buckets:
         inputs[QUERY_BUCKETS_INPUT] = torch.from_numpy(rng.integers(0, id_buckets, (batch, length)))
@@ -157,7 +159,7 @@ def check_parity(
                             "inputs": kind,
                             "batch": batch,
                             "history": length,
-                            "query_tokens": int(inputs["query_ids"].shape[1]),
+                            "query_tokens": int(inputs[QUERY_IDS_INPUT].shape[1]),
                             "max_abs_diff": diff,
                             "min_cosine": cos,
                         }

@@ -31,7 +31,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from karma.contracts import FeatureLayout
+from karma.contracts import (
+    ITEM_BUCKETS_INPUT,
+    ITEM_INPUT,
+    ITEM_OUTPUT,
+    QUERY_BUCKETS_INPUT,
+    QUERY_OUTPUT,
+    FeatureLayout,
+)
 from karma.errors import KarmaError
 from karma.tokenization import TOKENIZER_FILE, TOKENIZER_META_FILE, TextTokenizer
 
@@ -46,13 +53,6 @@ ITEM_ID_BUCKETS_FILE = "item_id_buckets.npy"
 ITEM_EMBEDDINGS_FILE = "item_embeddings.npy"
 INDEX_FILE = "index.faiss"
 
-# Input/output names of the served graphs: the service feeds these.
-QUERY_INPUTS = ("query_ids", "query_mask", "hist_features", "hist_mask")
-QUERY_BUCKETS_INPUT = "hist_buckets"
-QUERY_OUTPUT = "h"
-ITEM_INPUT = "features"
-ITEM_BUCKETS_INPUT = "id_buckets"
-ITEM_OUTPUT = "e"
 
 _ORT_DTYPES = {"tensor(int64)": "int64", "tensor(float)": "float32"}
 

@@ -10,6 +10,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# Input/output names of the served ONNX graphs, spelt once: export names the graphs' inputs with
+# them, training's batches and parity feed them, the service feeds them.
+QUERY_IDS_INPUT = "query_ids"  # (batch, query tokens) int64 token ids
+QUERY_MASK_INPUT = "query_mask"  # (batch, query tokens) int64, 1 = real token
+HIST_FEATURES_INPUT = "hist_features"  # (batch, history, F) float32 frozen content features
+HIST_MASK_INPUT = "hist_mask"  # (batch, history) int64, 1 = real item (histories are left-padded)
+QUERY_INPUTS = (QUERY_IDS_INPUT, QUERY_MASK_INPUT, HIST_FEATURES_INPUT, HIST_MASK_INPUT)
+QUERY_BUCKETS_INPUT = "hist_buckets"  # (batch, history) int64 item-ID rows, ID-aware bundles only
+QUERY_OUTPUT = "h"  # (batch, D) float32 unit-length h_t
+ITEM_INPUT = "features"  # (items, F) float32
+ITEM_BUCKETS_INPUT = "id_buckets"  # (items,) int64 item-ID rows, ID-aware bundles only
+ITEM_OUTPUT = "e"  # (items, D) float32 unit-length item embeddings
+
 
 @dataclass(frozen=True)
 class FeatureBlock:

@@ -13,6 +13,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from karma.contracts import (
+    HIST_FEATURES_INPUT,
+    HIST_MASK_INPUT,
+    QUERY_BUCKETS_INPUT,
+    QUERY_IDS_INPUT,
+    QUERY_MASK_INPUT,
+)
+
 if TYPE_CHECKING:
     from karma.tokenization import TextTokenizer
 
@@ -53,15 +61,13 @@ def query_encoder_feeds(
     graph exactly what training fed the PyTorch tower. `query_lengths` receives each query's token
     count before it was cut to `max_query_tokens`.
     """
-    from karma.bundle import QUERY_BUCKETS_INPUT
-
     ids, mask = tokenizer.encode(list(queries), max_query_tokens, full_lengths=query_lengths)
     items, hist_mask = pad_histories(histories, max_history)
     feeds = {
-        "query_ids": ids,
-        "query_mask": mask,
-        "hist_features": history_features(item_features, items),
-        "hist_mask": hist_mask,
+        QUERY_IDS_INPUT: ids,
+        QUERY_MASK_INPUT: mask,
+        HIST_FEATURES_INPUT: history_features(item_features, items),
+        HIST_MASK_INPUT: hist_mask,
     }
     if id_buckets is not None:
         feeds[QUERY_BUCKETS_INPUT] = np.ascontiguousarray(id_buckets[items], dtype=np.int64)

@@ -24,9 +24,9 @@ from karma.config import KarmaConfig, ServeConfig, load_config
 from karma.errors import KarmaError
 from service.admin import router as admin_router
 from service.errors import install_error_handlers
-from service.fastpath import FastSearch
-from service.metrics import Metrics
-from service.middleware import Admission, InFlight, ServiceMiddleware
+from service.fastpath import FastSearch, search_route
+from service.metrics import InFlight, Metrics
+from service.middleware import Admission, ServiceMiddleware
 from service.routes import router
 from service.state import EngineFactory, ServiceState
 from service.tracing import TracingMiddleware, build_tracing
@@ -99,7 +99,7 @@ def create_app(
         in_flight=in_flight,
         max_body_bytes=config.max_body_bytes,
         access=config.access_log,
-        fast=FastSearch(),
+        fast=FastSearch(search_route(app.router.routes)),
         admission=admission,
         body_timeout_s=config.body_timeout_s,
         retry_after_s=config.retry_after_s,

@@ -19,21 +19,20 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from service.errors import ServiceError, service_error_response
-from service.routes import router
 from service.schemas import SearchRequest
 from service.searching import run_search
 
 PATH = "/search"
 
 
-def _route() -> Any:
+def search_route(routes: list[Any]) -> Any:
     """The FastAPI route object for POST /search (for scope["route"]: metrics label it by its path)."""
-    return next(r for r in router.routes if getattr(r, "path", None) == PATH and "POST" in r.methods)
+    return next(r for r in routes if getattr(r, "path", None) == PATH and "POST" in getattr(r, "methods", ()))
 
 
 class FastSearch:
-    def __init__(self) -> None:
-        self.route = _route()
+    def __init__(self, route: Any) -> None:
+        self.route = route  # the app's POST /search route (search_route), handed in: no import of the routes
 
     @staticmethod
     def applies(scope: Scope) -> bool:

@@ -68,13 +68,13 @@ def karma_serve(
 ) -> Iterator[tuple[str, str]]:
     """Run `karma serve` on a free port with its own Redis key prefix; yields (base URL, prefix).
 
-    `entry` replaces the command before `--bundle` (default `python -m karma.cli serve`) with another
+    `entry` replaces the command before `--bundle` (default `python -m recipes.cli serve`) with another
     server that takes the same `--bundle/--port/--set` options (e.g. `python -m bench.naive ...`).
     """
     port = free_port()
     prefix = f"karma-run-{uuid.uuid4().hex[:12]}-"
     command = [
-        *(entry or (sys.executable, "-m", "karma.cli", "serve")),
+        *(entry or (sys.executable, "-m", "recipes.cli", "serve")),
         *("--bundle", str(bundle), "--port", str(port)),
         *("--set", f"serve.redis_url={redis_url}", "--set", f"serve.redis_key_prefix={prefix}"),
         *[arg for s in sets for arg in ("--set", s)],

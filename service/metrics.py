@@ -17,6 +17,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics import MetricWrapperBase
+from starlette.routing import Match, Mount
+from starlette.types import Scope
 
 # ~1.5x steps from 50 µs to 10 s: fine enough to read a p50 of a sub-millisecond stage.
 SECONDS_BUCKETS = (
@@ -211,6 +213,38 @@ def metrics_reference() -> str:
             bounds = ", ".join(_bound(b, seconds) for b in spec.buckets)
             lines.append(f"- `{spec.name}` ({len(spec.buckets)} + `+Inf`): {bounds}")
     return "\n".join(lines) + "\n"
+
+
+class InFlight:
+    """Counts requests being handled (shutdown waits for zero)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def endpoint_label(scope: Scope) -> str:
+    """The route template a request was for (`/users/{user_id}/history`), also when it was answered
+    before routing (413, 408, overload 429s, a refused key) or by a mount (the docs' assets);
+    "unmatched" only for paths no route serves (404s), so a scan cannot blow up label cardinality."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path:
+        return path
+    app = scope.get("app")
+    # A mount rewrote root_path on its way down: match the path as the request sent it.
+    probe = {
+        "type": "http",
+        "path": scope["path"],
+        "root_path": scope.get("app_root_path", ""),
+        "method": scope["method"],
+    }
+    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = candidate.matches(probe)
+        if match is not Match.NONE:  # PARTIAL: the path matches, the method does not (a 405)
+            if isinstance(candidate, Mount):
+                return candidate.path + "/{path}"
+            return getattr(candidate, "path", None) or "unmatched"
+    return "unmatched"
 
 
 if __name__ == "__main__":

@@ -30,12 +30,11 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from starlette.routing import Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
 from service.logs import request_id_var
-from service.metrics import Metrics
+from service.metrics import InFlight, Metrics, endpoint_label
 
 if TYPE_CHECKING:
     from service.fastpath import FastSearch
@@ -59,31 +58,6 @@ class _BodyTimeout(Exception):
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 # Open even with serve.api_key set: probes, scrapes, the docs; /admin/* checks its own key.
 OPEN_PREFIXES = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/admin/")
-
-
-def endpoint_label(scope: Scope) -> str:
-    """The route template a request was for (`/users/{user_id}/history`), also when it was answered
-    before routing (413, 408, overload 429s, a refused key) or by a mount (the docs' assets);
-    "unmatched" only for paths no route serves (404s), so a scan cannot blow up label cardinality."""
-    route = scope.get("route")
-    path = getattr(route, "path", None)
-    if path:
-        return path
-    app = scope.get("app")
-    # A mount rewrote root_path on its way down: match the path as the request sent it.
-    probe = {
-        "type": "http",
-        "path": scope["path"],
-        "root_path": scope.get("app_root_path", ""),
-        "method": scope["method"],
-    }
-    for candidate in getattr(getattr(app, "router", None), "routes", ()):
-        match, _ = candidate.matches(probe)
-        if match is not Match.NONE:  # PARTIAL: the path matches, the method does not (a 405)
-            if isinstance(candidate, Mount):
-                return candidate.path + "/{path}"
-            return getattr(candidate, "path", None) or "unmatched"
-    return "unmatched"
 
 
 def _api_key_of(headers: dict[str, str]) -> bytes:
@@ -113,13 +87,6 @@ def _overloaded_response(retry_after_s: int) -> tuple[Message, Message]:
         ],
     }
     return start, {"type": "http.response.body", "body": body}
-
-
-class InFlight:
-    """Counts requests being handled (shutdown waits for zero)."""
-
-    def __init__(self) -> None:
-        self.count = 0
 
 
 class Admission:

@@ -26,8 +26,7 @@ from service.engine import Engine, select_providers
 from service.errors import ServiceError
 from service.history import HistoryStore, RedisUnavailable
 from service.loadguard import LoadGuard, run_in_daemon_thread
-from service.metrics import Metrics
-from service.middleware import InFlight
+from service.metrics import InFlight, Metrics
 from service.tracing import Tracing
 
 log = logging.getLogger("karma.service")

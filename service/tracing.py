@@ -122,7 +122,7 @@ class TracingMiddleware:
             return
         from opentelemetry import propagate, trace
 
-        from service.middleware import endpoint_label
+        from service.metrics import endpoint_label
 
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
         status = {"code": 0}

@@ -34,8 +34,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from karma.cli import DEMO_RUN_NAME
 from karma.config import KarmaConfig, load_config
+from recipes.demo import DEMO_RUN_NAME
 from tests import dockerfile
 from tests.conftest import KARMA_BIN, REPO
 
@@ -314,7 +314,7 @@ def test_bundle_init_fills_the_folder_the_api_serves_and_writes_the_manifest_las
 def test_bundle_init_script_is_valid_sh_and_calls_real_karma_commands() -> None:
     import typer.main
 
-    from karma.cli import app
+    from recipes.cli import app
     from training.trainer import CHECKPOINT_DIR, run_dir
 
     script = bundle_init_script()

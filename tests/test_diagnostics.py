@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from karma.cli import app
 from karma.config import load_config
+from recipes.cli import app
 from tests.conftest import tiny_train_overrides
 from training.checkpoint import read_checkpoint_info
 from training.diagnostics import (

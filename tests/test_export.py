@@ -30,9 +30,9 @@ from karma.bundle import (
     load_bundle,
     write_manifest,
 )
-from karma.cli import app
 from karma.config import load_config
 from karma.errors import KarmaError
+from recipes.cli import app
 from tests.conftest import tiny_train_overrides
 from training.checkpoint import read_checkpoint_info
 from training.setup import build_setup, embed_items

@@ -18,9 +18,9 @@ import export.optimize as optimize
 from export.bundle_writer import export_checkpoint
 from export.optimize import gemm_to_matmul, matmuls_matching
 from karma.bundle import ITEM_ENCODER_FILE, QUERY_ENCODER_FILE, load_bundle, open_session
-from karma.cli import app
 from karma.config import load_config
 from karma.errors import KarmaError
+from recipes.cli import app
 from tests.conftest import tiny_train_overrides
 from training.checkpoint import read_checkpoint_info
 from training.setup import build_setup
@@ -154,7 +154,7 @@ def test_cli_exports_optimized_int8_and_rejects_bad_flags(bundles: dict, tmp_pat
     assert result.exit_code == 0, result.output
     assert "encoders: optimized+int8" in result.output and "required: min cosine >= 0.99" in result.output
     assert load_bundle(out).manifest.onnx.variant.name == "optimized+int8"
-    # KarmaError reaches `karma.cli.main`, which prints "error: ..." and exits 2.
+    # KarmaError reaches `recipes.cli.main`, which prints "error: ..." and exits 2.
     bad = CliRunner().invoke(app, [*args, "--quantize", "int4", "--force"])
     assert isinstance(bad.exception, KarmaError) and "unknown --quantize 'int4'" in str(bad.exception)
     stray = CliRunner().invoke(app, [*args, "--int8-keep-fp32", "none", "--force"])

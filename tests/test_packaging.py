@@ -105,7 +105,7 @@ def test_run_knobs_are_not_read_as_config_keys() -> None:
 
 
 def test_karma_shared_package_does_not_import_torch() -> None:
-    code = "import sys, karma.config, karma.contracts, karma.errors, karma.cli; sys.exit('torch' in sys.modules)"
+    code = "import sys, karma.config, karma.contracts, karma.errors, recipes.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([str(Path(KARMA_BIN).with_name("python")), "-c", code]).returncode == 0
 
 

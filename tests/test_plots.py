@@ -13,8 +13,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.transforms import Bbox
 
-from training.attention_maps import REFERENCE_LABEL, attention_by_layer_figure, plot_attention_by_layer
+from recipes.study import figures as study_figures
+from recipes.study.figures import hr_at_k_figure, plot_hr_at_k
 from training.diagnostics import ATTENTION_METRICS, ModelDiagnostics
+from training.diagnostics.plots import REFERENCE_LABEL, attention_by_layer_figure, plot_attention_by_layer
 from training.model.karma import PRESETS
 from training.plots import (
     RAMP_LABEL,
@@ -26,8 +28,6 @@ from training.plots import (
     training_curves_figure,
     visual_loss_kind,
 )
-from training.study import figures as study_figures
-from training.study.figures import hr_at_k_figure, plot_hr_at_k
 
 WARM, ACTION, RAMP = 10, 30, 5  # steps of the warm-up stage, of the action stage, of its LR ramp
 

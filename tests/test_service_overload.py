@@ -26,8 +26,8 @@ from karma.config import ServeConfig
 from karma.errors import KarmaError
 from service.engine import Engine, request_tokens
 from service.launcher import free_port, long_history_copy, wait_ready
-from service.metrics import Metrics
-from service.middleware import Admission, InFlight, ServiceMiddleware
+from service.metrics import InFlight, Metrics
+from service.middleware import Admission, ServiceMiddleware
 from tests.conftest import KARMA_BIN, REDIS_URL
 from tests.test_service import assert_error, metric_samples, sample, serving
 

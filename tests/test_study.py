@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from karma.errors import ConfigError, KarmaError
+from recipes.study import build_report, load_study, rediagnose, run_study
+from recipes.study.aggregate import hr_curve, paired_deltas, spread
+from recipes.study.runs import RANKS_FILE, RUN_RESULT, execute_run, same_signature, signature
 from tests.conftest import KARMA_BIN, REPO
 from training.evaluation.metrics import metrics_from_ranks
-from training.study import build_report, load_study, rediagnose, run_study
-from training.study.aggregate import hr_curve, paired_deltas, spread
-from training.study.runs import RANKS_FILE, RUN_RESULT, execute_run, same_signature, signature
 
 SMOKE = REPO / "studies" / "smoke.yaml"
 
@@ -161,7 +161,7 @@ def test_study_file_errors_name_the_problem(tmp_path: Path) -> None:
 
 def test_adopt_writes_back_recorded_runs_and_refuses_other_configs(smoke, tmp_path: Path) -> None:
     """A fresh artifacts folder plus the published results.json: nothing retrains, the numbers are the same."""
-    from training.study.adopt import adopt_results
+    from recipes.study.adopt import adopt_results
 
     study, results = smoke
     published = study.report_path / "results.json"

@@ -59,7 +59,7 @@ def test_two_process_torchrun_on_cpu(tmp_path: Path) -> None:
     overrides = [*tiny_train_overrides(tmp_path), "train.run_name=ddp", "loss.preset=karma-text"]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "karma.cli", "train", *[arg for o in overrides for arg in ("--set", o)],
+        "-m", "recipes.cli", "train", *[arg for o in overrides for arg in ("--set", o)],
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)

@@ -1,6 +1,6 @@
 """The training recipe: semantic warm-up, then the action stage with the configured regularizers.
 
-Run it as `karma train` (one process) or `torchrun --nproc_per_node N -m karma.cli train`
+Run it as `karma train` (one process) or `torchrun --nproc_per_node N -m recipes.cli train`
 (data-parallel; gloo on CPU, NCCL on GPU). Every random draw of step `s` on rank `r` comes from
 generators seeded with `(seed, s, r)`, and batches come from per-epoch permutations seeded with
 `(seed, epoch)`, so a run resumed from a checkpoint replays exactly the batches, negatives and

@@ -6,7 +6,7 @@
   default) against the items' own, no training (`training.baselines.content`).
 
 `run_baselines(dataset, split, config)` trains/evaluates them and returns
-{name: evaluate_embeddings() dict}; `python -m training.baselines.runner <data set>` prints a table.
+{name: evaluate_embeddings() dict}; `karma baselines <data set>` prints a table.
 """
 
 from __future__ import annotations

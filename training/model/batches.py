@@ -15,6 +15,14 @@ import numpy as np
 import torch
 
 from karma.config import KarmaConfig
+from karma.contracts import (
+    HIST_FEATURES_INPUT,
+    HIST_MASK_INPUT,
+    ITEM_BUCKETS_INPUT,
+    QUERY_BUCKETS_INPUT,
+    QUERY_IDS_INPUT,
+    QUERY_MASK_INPUT,
+)
 from karma.featurize import pad_histories
 from karma.tokenization import TextTokenizer
 from training.data.schema import Dataset
@@ -84,19 +92,19 @@ class Batcher:
         query_ids, query_mask = self.tokenizer.encode(self.query_texts(positions), self.max_query_tokens)
         hist_items, hist_mask = self.history(positions)
         inputs = {
-            "query_ids": torch.from_numpy(query_ids),
-            "query_mask": torch.from_numpy(query_mask),
-            "hist_features": self.features[hist_items],
-            "hist_mask": hist_mask,
+            QUERY_IDS_INPUT: torch.from_numpy(query_ids),
+            QUERY_MASK_INPUT: torch.from_numpy(query_mask),
+            HIST_FEATURES_INPUT: self.features[hist_items],
+            HIST_MASK_INPUT: hist_mask,
         }
         if self.id_buckets is not None:
-            inputs["hist_buckets"] = self.id_buckets[hist_items]
+            inputs[QUERY_BUCKETS_INPUT] = self.id_buckets[hist_items]
         return inputs
 
     def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs = {"features": self.features[items]}
         if self.id_buckets is not None:
-            inputs["id_buckets"] = self.id_buckets[items]
+            inputs[ITEM_BUCKETS_INPUT] = self.id_buckets[items]
         return inputs
 
     def texts_of(self, items: np.ndarray) -> TextTargets:
@@ -152,7 +160,7 @@ class Batcher:
         reg = torch.from_numpy(np.concatenate(reg_rows))
         hist_items = torch.from_numpy(layout.hist_items)
         batch: dict[str, object] = {
-            "hist_features": self.features[hist_items],
+            HIST_FEATURES_INPUT: self.features[hist_items],
             "hist_valid": torch.from_numpy(layout.hist_valid),
             "block_ids": torch.from_numpy(layout.block_ids),
             "block_is_emb": torch.from_numpy(layout.block_is_emb),
@@ -169,7 +177,7 @@ class Batcher:
             "reg_content": self.visual_target[targets[reg]],
         }
         if self.id_buckets is not None:
-            batch["hist_buckets"] = self.id_buckets[hist_items]
+            batch[QUERY_BUCKETS_INPUT] = self.id_buckets[hist_items]
         if exposed:
             items, mask = self.exposed(slot_pos)
             batch.update(exposed_items=items, exposed_mask=mask, exposed_inputs=self.item_inputs(items.reshape(-1)))

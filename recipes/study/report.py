@@ -10,11 +10,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from recipes.study.aggregate import METRIC_KEYS
+from recipes.study.config import REFERENCE_PRESET, StudyConfig
+from recipes.study.figures import CURVES_FIGURE, HR_FIGURE, LAYERS_FIGURE, MAPS_FIGURE
+from recipes.study.runs import ADOPTED_KEY
 from training.diagnostics import METRIC_LABELS
-from training.study.aggregate import METRIC_KEYS
-from training.study.config import REFERENCE_PRESET, StudyConfig
-from training.study.figures import CURVES_FIGURE, HR_FIGURE, LAYERS_FIGURE, MAPS_FIGURE
-from training.study.runs import ADOPTED_KEY
 
 PAPER = (
     "The paper (KARMA, arXiv 2603.22779, Taobao) reports, against action-only training, +19.19 HR@200 from "
@@ -226,7 +226,7 @@ def _diagnostics_table(
     lines = [
         f"## Collapse diagnostics ({study.diagnose_users} test users, mean ± std over seeds)",
         "",
-        "Definitions: `training/diagnostics.py` (module docstring). The attention sink is the share of attention "
+        "Definitions: `training/diagnostics/metrics.py` (module docstring). The attention sink is the share of attention "
         "on the first position; the 'barcode' score is how alike the attention rows are (vertical stripes). "
         "Reference = the same metric for uniform causal attention / random items.",
         "",

@@ -56,12 +56,3 @@ def run_baselines_command(
         print(f"{name}: {res['all']['seconds']:.1f}s")
     if json_out is not None:
         save_metrics_json(json_out, results, protocol)
-
-
-if __name__ == "__main__":  # python -m training.baselines.runner ARGS == karma baselines ARGS
-    import sys
-
-    from karma.cli import main
-
-    sys.argv = ["karma", "baselines", *sys.argv[1:]]
-    main()

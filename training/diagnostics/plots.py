@@ -27,7 +27,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
-    from training.diagnostics import ModelDiagnostics
+    from training.diagnostics.result import ModelDiagnostics
 
 MAX_MAP_LAYERS = 6
 COLOURS = ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:olive")
@@ -56,7 +56,7 @@ REFERENCE_LABEL = "uniform causal attention (reference)"
 
 def attention_by_layer_figure(results: Sequence[ModelDiagnostics]) -> Figure:
     """The figure of `plot_attention_by_layer` (not saved): the legend sits below the panels, inside the figure."""
-    from training.diagnostics import ATTENTION_METRICS, METRIC_LABELS
+    from training.diagnostics.metrics import ATTENTION_METRICS, METRIC_LABELS
 
     n = len(ATTENTION_METRICS)
     cols = 3
@@ -98,7 +98,7 @@ def attention_by_layer_figure(results: Sequence[ModelDiagnostics]) -> Figure:
 
 
 def plot_attention_by_layer(results: Sequence[ModelDiagnostics], out_path: Path) -> dict[str, Any]:
-    from training.diagnostics import ATTENTION_METRICS
+    from training.diagnostics.metrics import ATTENTION_METRICS
     from training.plots import save_figure
 
     save_figure(attention_by_layer_figure(results), out_path, dpi=110)  # its tight box holds the legend

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from karma.config import KarmaConfig
 from karma.errors import KarmaError
 from karma.jsonable import to_jsonable
-from karma.machine import cpu_model, usable_cores
+from karma.machine import machine
 from training.evaluation import eval_targets, protocol_text
 from training.evaluation.metrics import rank_targets
 from training.evaluation.report import segment_metrics
@@ -98,17 +97,6 @@ def write_json(path: Path, payload: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-
-def machine() -> dict[str, Any]:
-    """What ran it: CPU model and cores, GPU, torch (printed beside every wall time)."""
-    return {
-        "cpu": cpu_model(),
-        "cores": usable_cores(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def _claim(run: Path, current: Mapping[str, Any]) -> None:

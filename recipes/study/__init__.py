@@ -5,7 +5,7 @@
 
 Layout: runs, caches and bundles under the study's artifacts folder (`artifacts/studies/<name>`);
 `RESULTS.md`, `results.json` and the PNG figures under its report folder (`docs/results/<name>`).
-See `training.study.config` for the study file, `training.study.runs` for one run.
+See `recipes.study.config` for the study file, `recipes.study.runs` for one run.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 
 from karma.errors import KarmaError
-from training.study.aggregate import paired_deltas, preset_table
-from training.study.config import REFERENCE_PRESET, StudyConfig, load_study
-from training.study.figures import CURVES_FIGURE, HR_FIGURE, plot_diagnostics, plot_hr_at_k, plot_training_curves
-from training.study.report import baseline_label, render
-from training.study.runs import (
+from recipes.study.aggregate import paired_deltas, preset_table
+from recipes.study.config import REFERENCE_PRESET, StudyConfig, load_study
+from recipes.study.figures import CURVES_FIGURE, HR_FIGURE, plot_diagnostics, plot_hr_at_k, plot_training_curves
+from recipes.study.report import baseline_label, render
+from recipes.study.runs import (
     BUNDLE_DIR,
     DIAGNOSTICS_FILE,
     RANKS_FILE,
@@ -297,7 +297,7 @@ def _machine_text(machine: dict[str, Any]) -> str:
     return (
         f"{machine.get('cpu')}, {machine.get('cores')} cores"
         + (f", GPU {machine['gpu']}" if machine.get("gpu") else ", no GPU")
-        + f", torch {machine.get('torch')}, Python {machine.get('python')}"
+        + f", torch {machine.get('torch') or machine.get('versions', {}).get('torch')}, Python {machine.get('python')}"
     )
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from karma.errors import KarmaError
-from training.study.config import REFERENCE_PRESET, StudyConfig
-from training.study.runs import (
+from recipes.study.config import REFERENCE_PRESET, StudyConfig
+from recipes.study.runs import (
     ADOPTED_KEY,
     RUN_RESULT,
     baseline_signature,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from training.study.config import REFERENCE_PRESET
+from recipes.study.config import REFERENCE_PRESET
 
 METRIC_KEYS = ("HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200", "MRR")
 

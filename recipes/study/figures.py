@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from training.attention_maps import COLOURS, STYLES, plot_attention_by_layer, plot_attention_maps
+from recipes.study.aggregate import hr_curve
+from training.diagnostics.plots import COLOURS, STYLES, plot_attention_by_layer, plot_attention_maps
 from training.plots import (
     IMG_LOSSES,
     TERM_TITLES,
@@ -35,7 +36,6 @@ from training.plots import (
     visual_loss_kind,
     warmup_label_of,
 )
-from training.study.aggregate import hr_curve
 
 HR_FIGURE = "hr_at_k.png"
 CURVES_FIGURE = "training_curves.png"
