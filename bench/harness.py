@@ -15,34 +15,23 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from karma.config import profile_overrides
 from karma.errors import KarmaError
+from karma.machine import THREAD_ENV
 from service import launcher
 
 KARMA = str(Path(sys.executable).with_name("karma"))
 REPO = Path(__file__).resolve().parents[1]
-THREAD_ENV = launcher.THREAD_ENV
 
 log = logging.getLogger("karma.bench")
 
-# A seconds-scale model: tiny backbone, hashing text features, short training.
-TINY = [
-    "data.max_history=20",
-    "features.text_encoder=hashing",
-    "features.threads=1",
-    "model.tiny_hidden=32",
-    "model.embed_dim=32",
-    "model.item_tower_hidden=64",
-    "loss.sampled_negatives=32",
-    "loss.flow_hidden=64",
-    "train.threads=1",
-    "train.batch_size=16",
-    "train.steps=6",
-    "train.semantic_warmup_steps=2",
-    "train.warmup_steps=2",
-    "train.checkpoint_every=1000000",
-    "eval.max_users=100",
-]
-SMALL_DATA = ["data.synthetic.n_items=1000", "data.synthetic.n_users=300", "data.synthetic.n_events=6000"]
+# The seconds-scale profile (configs/tiny.yaml): tiny backbone, hashing text features, 1k items, short training.
+TINY = profile_overrides()
+
+
+def log_steps_to_stderr() -> None:
+    """For the benchmark scripts: show this module's step lines ("karma train bench: 9.1 s") on stderr."""
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")
 
 
 def run_tool(command: list[str], what: str) -> float:

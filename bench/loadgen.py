@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from karma.machine import THREAD_ENV
+
 DEFAULTS: dict[str, Any] = {
     "interleave": "round_robin",
     "path": "/search",
@@ -301,7 +303,7 @@ def run_load(spec: dict[str, Any], workdir: Path, name: str) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, **THREAD_ENV}
     budget = float(spec.get("warmup_s", 1)) + float(spec.get("duration_s", 5)) + float(spec.get("drain_s", 30)) + 60
     done = subprocess.run(
         [sys.executable, "-m", "bench.loadgen", str(spec_path), str(out_path)],

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from karma.errors import KarmaError
+from karma.machine import THREAD_ENV
 
 PARITY_TOLERANCE = 1e-4
 
@@ -71,8 +72,7 @@ def naive_engine(directory: Path, checkpoint: Path) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     """`karma serve` with the naive engine: same options (--bundle, --port, --host, --set) plus --checkpoint."""
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[name] = "1"
+    os.environ.update(THREAD_ENV)
     parser = argparse.ArgumentParser(prog="python -m bench.naive", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="Training checkpoint of the bundle's model.")
     parser.add_argument("--bundle", type=Path, required=True, help="Bundle folder (items, features, FAISS index).")

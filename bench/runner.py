@@ -109,7 +109,7 @@ class Bundles:
 
 
 def train_overrides(cfg: BenchConfig) -> list[str]:
-    base = [*harness.TINY, *harness.SMALL_DATA] if cfg.quick else [*FULL_TRAIN, f"data.synthetic.n_items={cfg.items}"]
+    base = list(harness.TINY) if cfg.quick else [*FULL_TRAIN, f"data.synthetic.n_items={cfg.items}"]
     return base + cfg.train_sets
 
 

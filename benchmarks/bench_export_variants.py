@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "h_cosine_batch1_vs_batch32_min": float(batch_cos.min()),
             "h_cosine_batch1_vs_pytorch_min": float(_cos(single, ref_users[:alone]).min()),
         }
-    protocol = protocol_text(
+    protocol = protocol_text(  # at this script's K list (config's plus 10 and 200)
         setup.dataset.name, "test", targets.n_users, ks, True, config.data.max_history, catalog.n_items
     )
 

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from service_harness import REPO, build_bundle, karma_serve
+
+from bench.harness import REPO, build_bundle, karma_serve, log_steps_to_stderr
 
 BUNDLE_OVERRIDES = [
     "data.synthetic.n_items=100000",
@@ -167,6 +168,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
 
 
 def main() -> None:
+    log_steps_to_stderr()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="Serve this bundle instead of building the 100k-item one.")
     parser.add_argument("--workdir", type=Path, help="Build the bundle here and keep it (default: a temp folder).")
@@ -174,7 +176,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--users", type=int, default=200, help="Users given a history through /events first.")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw", help="See RawClient.")
-    parser.add_argument("--redis-url", default=os.environ.get("KARMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--redis-url", default=os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--set", dest="sets", action="append", default=[], help="serve.* override for the server.")
     parser.add_argument("--out", type=Path, default=REPO / "artifacts/benchmarks/service_latency.json")
     args = parser.parse_args()

@@ -3,7 +3,7 @@
     python benchmarks/chaos_service.py [--bundle DIR] [--out artifacts/chaos] [--only storm,reload,...]
 
 Scenarios (each on a fresh server process over the bundle, default `artifacts/bundles/default` from
-`./run demo`; Redis from KARMA_TEST_REDIS_URL or 127.0.0.1:6379, and a throwaway `redis-server`
+`./run demo`; Redis from TEST_REDIS_URL or 127.0.0.1:6379, and a throwaway `redis-server`
 for the restart drill):
 
 - reload-heavy: reload to copies of the bundle whose manifest says max_history 1024 / 4096
@@ -61,7 +61,7 @@ from service.launcher import LocalRedis, delete_prefix, free_port, long_history_
 from service.loadguard import _PAGE  # noqa: E402
 
 SERVER_REPO = Path(os.environ.get("CHAOS_SERVER_REPO", REPO))  # another checkout's server, to compare
-REDIS_URL = os.environ.get("KARMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 KEY = "chaos-admin-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 HEAD = b"POST /search HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
-from service_harness import KARMA, REPO, SMALL_DATA, THREAD_ENV, TINY, build_bundle, karma_serve
+
+from bench.harness import KARMA, REPO, THREAD_ENV, TINY, build_bundle, karma_serve, log_steps_to_stderr
 
 
 @dataclass
@@ -70,6 +71,7 @@ def _http(mistake: str, client: httpx.Client, method: str, path: str, **kwargs: 
 
 
 def main() -> None:
+    log_steps_to_stderr()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "artifacts/benchmarks/new_user_mistakes.json")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
@@ -78,10 +80,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="karma-mistakes-") as tmp:
         work = Path(tmp)
         print("building a tiny bundle (karma train + karma export) ...", file=sys.stderr)
-        bundle = build_bundle(work, [*TINY, *SMALL_DATA], run_name="mistakes")
+        bundle = build_bundle(work, TINY, run_name="mistakes")
         run = work / "artifacts" / "runs" / "mistakes"
         arts = f"paths.artifacts={work / 'artifacts'}"
-        tiny_sets = [a for s in [*TINY, *SMALL_DATA, arts] for a in ("--set", s)]
+        tiny_sets = [a for s in [*TINY, arts] for a in ("--set", s)]
         (work / "broken.yaml").write_text("train: [unclosed\n")
         outcomes = [
             _cli("unknown preset", ["train", "--preset", "karma-xl", *tiny_sets]),

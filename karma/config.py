@@ -731,6 +731,27 @@ def load_config(
     return KarmaConfig.model_validate(tree)
 
 
+TINY_PROFILE = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def profile_overrides(path: Path = TINY_PROFILE) -> list[str]:
+    """A config file as `KEY=VALUE` overrides (`data.synthetic.n_items=1000`, …), so a profile can be layered
+    under other overrides in `--set` lists and study files: one file, every caller."""
+    out: list[str] = []
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{prefix}{key}.")
+            else:
+                text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                out.append(f"{prefix}{key}={text}")
+
+    walk(_read_file(Path(path)), "")
+    load_config(None, out, environ={})  # a broken profile fails here, naming the key
+    return out
+
+
 def config_to_yaml(config: KarmaConfig) -> str:
     """The effective config as YAML, loadable again with `load_config` (secrets left out: null)."""
     tree = config.model_dump(mode="json")

@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# The numerical libraries' thread pools, pinned to one thread where a process runs many threads of its own
+# (the service: ~40 server threads each starting a BLAS pool on 2 cores cut throughput ~20x, DESIGN §8;
+# benchmark servers and load generators). ONNX Runtime and torch get their threads explicitly. The
+# Dockerfile's ENV lines and deploy/k8s set the same variables (tests/test_deploy.py checks them).
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
 
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (e.g. 'AMD EPYC 9B14'), else what platform knows."""

@@ -121,7 +121,8 @@ def catalog_from_bundle(path: Path) -> tuple[list[str], list[str]]:
 def catalog_from_service(host: str) -> tuple[list[str], list[str]]:
     """Learn item ids and titles through the API itself (not counted in the statistics)."""
     info = _call(host, "/info")
-    k = max(1, min(1000, int(info.get("n_items") or 1000)))
+    max_k = int(info.get("limits", {}).get("k", [1, 1000])[1])  # the service says its limit
+    k = max(1, min(max_k, int(info.get("n_items") or max_k)))
     found: dict[str, str] = {}
     for query in SEED_QUERIES:
         result = _call(host, "/search", {"query": query, "k": k})

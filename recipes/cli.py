@@ -22,6 +22,7 @@ import typer
 from bench.config import PARTS, BenchConfig
 from karma.config import KarmaConfig, config_to_yaml, load_config
 from karma.errors import KarmaError
+from karma.machine import THREAD_ENV
 
 app = typer.Typer(
     help="KARMA: LLM next-interest embeddings for personalized search (train → export → serve).",
@@ -507,11 +508,6 @@ def study(
     )
 
 
-# Thread pools of numerical libraries, fixed before anything imports them (DESIGN §8: ~40 server
-# threads each starting BLAS threads on 2 cores cut throughput ~20x). ORT gets its threads explicitly.
-SERVE_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
 @app.command()
 def serve(
     bundle: Annotated[
@@ -527,8 +523,7 @@ def serve(
 
     if "numpy" in sys.modules:
         log.warning("numpy was imported before the thread limits were set; BLAS may use several threads")
-    for name in SERVE_THREAD_ENV:
-        os.environ[name] = "1"
+    os.environ.update(THREAD_ENV)  # fixed before anything imports numpy
     overrides = list(set_ or [])
     if bundle is not None:
         overrides.append(f"serve.bundle={bundle}")

@@ -8,5 +8,7 @@ intra-op threads explicitly from `serve.intra_op_threads`.
 
 import os
 
-for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_name, "1")
+from karma.machine import THREAD_ENV
+
+for _name, _value in THREAD_ENV.items():
+    os.environ.setdefault(_name, _value)

@@ -19,7 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import Response
 
-from service.errors import ServiceError
+from service.errors import ErrorType, ServiceError
 from service.responses import json_response
 from service.schemas import ID_PATTERN, ErrorBody, check_id
 
@@ -39,16 +39,15 @@ async def require_admin(
     key = request.app.state.svc.config.admin_api_key
     if key is None:
         raise ServiceError(
-            403,
-            "admin_disabled",
+            ErrorType.ADMIN_DISABLED,
             "admin routes are disabled: no serve.admin_api_key is configured (set KARMA_SERVE__ADMIN_API_KEY)",
         )
     challenge = {"WWW-Authenticate": 'Bearer realm="karma-admin"'}
     if credentials is None:
         message = "admin routes need the header 'Authorization: Bearer <admin API key>'"
-        raise ServiceError(401, "unauthorized", message, headers=challenge)
+        raise ServiceError(ErrorType.UNAUTHORIZED, message, headers=challenge)
     if not hmac.compare_digest(credentials.credentials.encode(), key.encode()):
-        raise ServiceError(401, "unauthorized", "wrong admin API key", headers=challenge)
+        raise ServiceError(ErrorType.UNAUTHORIZED, "wrong admin API key", headers=challenge)
 
 
 class ReloadRequest(BaseModel):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+from enum import StrEnum
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -58,25 +59,93 @@ _HTTP_TYPES = {
 }
 
 
+class ErrorType(StrEnum):
+    """Every `type` an error body can carry (the table above), with its HTTP status in STATUS."""
+
+    UNAUTHORIZED = "unauthorized"
+    ADMIN_DISABLED = "admin_disabled"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    BODY_TIMEOUT = "body_timeout"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    INVALID_JSON = "invalid_json"
+    VALIDATION_ERROR = "validation_error"
+    RELOAD_IN_PROGRESS = "reload_in_progress"
+    UNKNOWN_ITEMS = "unknown_items"
+    NO_HISTORY = "no_history"
+    UNSUPPORTED_DIMENSIONS = "unsupported_dimensions"
+    INVALID_BUNDLE = "invalid_bundle"
+    QUEUE_FULL = "queue_full"
+    OVERLOADED = "overloaded"
+    NOT_READY = "not_ready"
+    SHUTTING_DOWN = "shutting_down"
+    REDIS_UNAVAILABLE = "redis_unavailable"
+    INTERNAL_ERROR = "internal_error"
+
+
+STATUS: dict[ErrorType, int] = {
+    ErrorType.UNAUTHORIZED: 401,
+    ErrorType.ADMIN_DISABLED: 403,
+    ErrorType.NOT_FOUND: 404,
+    ErrorType.METHOD_NOT_ALLOWED: 405,
+    ErrorType.BODY_TIMEOUT: 408,
+    ErrorType.RELOAD_IN_PROGRESS: 409,
+    ErrorType.PAYLOAD_TOO_LARGE: 413,
+    ErrorType.INVALID_JSON: 422,
+    ErrorType.VALIDATION_ERROR: 422,
+    ErrorType.UNKNOWN_ITEMS: 422,
+    ErrorType.NO_HISTORY: 422,
+    ErrorType.UNSUPPORTED_DIMENSIONS: 422,
+    ErrorType.INVALID_BUNDLE: 422,
+    ErrorType.QUEUE_FULL: 429,
+    ErrorType.OVERLOADED: 429,
+    ErrorType.NOT_READY: 503,
+    ErrorType.SHUTTING_DOWN: 503,
+    ErrorType.REDIS_UNAVAILABLE: 503,
+    ErrorType.INTERNAL_ERROR: 500,
+}
+
+
 class ServiceError(Exception):
-    """An expected failure with its HTTP status, error type and (optionally) the request field at fault."""
+    """An expected failure: its type (which fixes the HTTP status) and, optionally, the request field at fault."""
 
     def __init__(
         self,
-        status: int,
-        type_: str,
+        type_: ErrorType,
         message: str,
         field: str | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
     ):
         super().__init__(message)
-        self.status = status
-        self.type = type_
+        self.status = STATUS[type_]
+        self.type = str(type_)
         self.message = message
         self.field = field
         self.headers = headers or {}
         self.extra = extra or {}
+
+
+def retry_after(seconds: int) -> dict[str, str]:
+    return {"Retry-After": str(seconds)}
+
+
+def domain_error(exc: Exception, retry_after_s: int) -> ServiceError:
+    """The one table from the engine's and stores' exceptions to HTTP errors (callers `raise ... from None`)."""
+    from service.batching import BatcherStopped, QueueFull
+    from service.history import RedisUnavailable
+
+    if isinstance(exc, QueueFull):
+        return ServiceError(ErrorType.QUEUE_FULL, f"{exc}; retry later", headers=retry_after(retry_after_s))
+    if isinstance(exc, BatcherStopped):
+        return ServiceError(ErrorType.NOT_READY, str(exc), headers=retry_after(retry_after_s))
+    if isinstance(exc, RedisUnavailable):
+        return ServiceError(
+            ErrorType.REDIS_UNAVAILABLE,
+            f"user history store (Redis) is unavailable: {exc}; requests that carry 'history' still work",
+            headers=retry_after(retry_after_s),
+        )
+    raise TypeError(f"no HTTP mapping for {type(exc).__name__}") from exc
 
 
 def error_body(message: str, type_: str, field: str | None = None, **extra: Any) -> dict[str, Any]:

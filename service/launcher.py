@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from karma.errors import KarmaError
-
-THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+from karma.machine import THREAD_ENV
 
 
 def free_port() -> int:

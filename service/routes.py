@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request
 from starlette.responses import PlainTextResponse, Response
 
-from service.errors import ServiceError, error_response
+from service.errors import ErrorType, ServiceError, error_response
 from service.history import RedisUnavailable
 from service.metrics import CONTENT_TYPE
 from service.responses import json_response
@@ -53,7 +53,7 @@ def _user_id(user_id: str) -> str:
     try:
         return check_id(user_id, "user_id")
     except ValueError as exc:
-        raise ServiceError(422, "validation_error", str(exc), "user_id") from None
+        raise ServiceError(ErrorType.VALIDATION_ERROR, str(exc), "user_id") from None
 
 
 @router.post(
@@ -126,7 +126,7 @@ async def post_event(body: EventRequest, request: Request) -> Response:
     svc = _svc(request)
     engine, _ = svc.serving()
     if body.item_id not in engine.row_of:
-        raise ServiceError(422, "unknown_items", f"item {body.item_id!r} is not in the catalog", "item_id")
+        raise ServiceError(ErrorType.UNKNOWN_ITEMS, f"item {body.item_id!r} is not in the catalog", "item_id")
     try:
         stored = await svc.history.append(
             body.user_id, body.item_id, body.epoch_seconds(time.time()), svc.config.history_max_events, body.event_id

@@ -13,7 +13,7 @@ The OpenAPI schema states these rules as far as JSON Schema can (patterns for id
 "query, history or user_id" rule as an `anyOf`, integer item ids), so a schema-valid request is
 only refused for what depends on server state: items not in the catalog (`unknown_items`), a user
 without stored history (`no_history`), a bundle that fails its checks (`invalid_bundle`), or a
-body over the size limit. `benchmarks/fuzz_service.py` holds the service to exactly that.
+body over the size limit. `tests/test_service_fuzz.py` holds the service to exactly that.
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class _SearchInput(_Strict):
 class SearchRequest(_SearchInput):
     """Search with a query, a history, or both; without `history`, the history is read from Redis by `user_id`."""
 
-    k: K = Field(10, ge=1, le=MAX_K, description="How many items to return (1..1000).")
+    k: K = Field(10, ge=1, le=MAX_K, description=f"How many items to return (1..{MAX_K}).")
     exclude_history: StrictBool = Field(True, description="Leave the history's items out of the results.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_something_to_search)

@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from service.batching import BatcherStopped, MicroBatcher, QueueFull
 from service.engine import Engine, JobResult
-from service.errors import ServiceError
+from service.errors import ErrorType, ServiceError, domain_error, retry_after
 from service.history import RedisUnavailable
 from service.responses import json_response
 from service.schemas import BatchSearchRequest, EmbedRequest, OpenAIEmbeddingsRequest, SearchRequest
@@ -43,18 +43,13 @@ class Prepared:
 
 
 def redis_down(svc: ServiceState, exc: RedisUnavailable) -> ServiceError:
-    return ServiceError(
-        503,
-        "redis_unavailable",
-        f"user history store (Redis) is unavailable: {exc}; requests that carry 'history' still work",
-        headers={"Retry-After": str(svc.config.retry_after_s)},
-    )
+    return domain_error(exc, svc.config.retry_after_s)
 
 
 def _named(exc: ServiceError, where: str) -> ServiceError:
     """`exc` as raised for input `where` of a many-input request (`inputs[2]`): field and message name it."""
     field = f"{where}.{exc.field}" if exc.field else where
-    return ServiceError(exc.status, exc.type, f"{where}: {exc.message}", field, exc.headers, exc.extra)
+    return ServiceError(ErrorType(exc.type), f"{where}: {exc.message}", field, exc.headers, exc.extra)
 
 
 async def prepare(
@@ -72,8 +67,7 @@ async def prepare(
     raw_query = raw_query or ""
     if len(raw_query) > config.max_query_chars:
         raise ServiceError(
-            422,
-            "validation_error",
+            ErrorType.VALIDATION_ERROR,
             f"{query_field} is {len(raw_query)} characters, over the {config.max_query_chars} limit",
             query_field,
         )
@@ -104,19 +98,17 @@ async def prepare(
     if not rows and not query:
         if unknown:
             raise ServiceError(
-                422,
-                "unknown_items",
+                ErrorType.UNKNOWN_ITEMS,
                 f"none of the {len(ids)} history item(s) is in the catalog (first: {unknown[0]!r}) "
                 "and there is no query",
                 "history",
             )
         if from_redis:
             raise ServiceError(
-                422, "no_history", f"user {user_id!r} has no stored history and there is no query", query_field
+                ErrorType.NO_HISTORY, f"user {user_id!r} has no stored history and there is no query", query_field
             )
         raise ServiceError(
-            422,
-            "validation_error",
+            ErrorType.VALIDATION_ERROR,
             "nothing to search with: give a query, a history, or a user_id with history",
             query_field,
         )
@@ -138,13 +130,11 @@ async def prepare_many(svc: ServiceState, engine: Engine, inputs: list[tuple[str
 
 async def submit(svc: ServiceState, batcher: MicroBatcher, engine: Engine, prepared: list[Prepared]) -> list[JobResult]:
     """Queue every job at once and wait for all (429 when the queue has no room, 503 when draining)."""
-    retry = {"Retry-After": str(svc.config.retry_after_s)}
     if len(prepared) > 1 and batcher.room < len(prepared):
         raise ServiceError(
-            429,
-            "queue_full",
+            ErrorType.QUEUE_FULL,
             f"encoder queue has room for {batcher.room} of this request's {len(prepared)} inputs; retry later",
-            headers=retry,
+            headers=retry_after(svc.config.retry_after_s),
         )
     futures = [asyncio.ensure_future(batcher.submit(engine, p.job)) for p in prepared]
     try:
@@ -153,10 +143,8 @@ async def submit(svc: ServiceState, batcher: MicroBatcher, engine: Engine, prepa
             for p, result in zip(prepared, results, strict=True):
                 svc.tracing.stage_spans(p, result)
         return results
-    except QueueFull as exc:
-        raise ServiceError(429, "queue_full", f"{exc}; retry later", headers=retry) from None
-    except BatcherStopped as exc:
-        raise ServiceError(503, "not_ready", str(exc), headers=retry) from None
+    except (QueueFull, BatcherStopped) as exc:
+        raise domain_error(exc, svc.config.retry_after_s) from None
     finally:
         for future in futures:  # a sibling that failed to queue: do not leave the others' results unread
             if not future.done():
@@ -225,7 +213,7 @@ def _check_count(svc: ServiceState, n: int, field: str) -> None:
     limit = svc.config.max_batch_inputs
     if n > limit:
         raise ServiceError(
-            422, "validation_error", f"{field} has {n} entries, over serve.max_batch_inputs={limit}", field
+            ErrorType.VALIDATION_ERROR, f"{field} has {n} entries, over serve.max_batch_inputs={limit}", field
         )
 
 
@@ -262,7 +250,9 @@ def _item_rows(engine: Engine, item_ids: list[str]) -> list[int]:
     for j, item in enumerate(item_ids):
         row = engine.row_of.get(item)
         if row is None:
-            raise ServiceError(422, "unknown_items", f"item_ids[{j}]: {item!r} is not in the catalog", f"item_ids[{j}]")
+            raise ServiceError(
+                ErrorType.UNKNOWN_ITEMS, f"item_ids[{j}]: {item!r} is not in the catalog", f"item_ids[{j}]"
+            )
         rows.append(row)
     return rows
 
@@ -272,7 +262,7 @@ async def run_embed(svc: ServiceState, body: EmbedRequest, started: float) -> Re
     engine, batcher = svc.serving()
     _check_count(svc, len(body.inputs), "inputs")
     if not body.inputs and not body.item_ids:
-        raise ServiceError(422, "validation_error", "nothing to embed: give inputs, item_ids, or both", "inputs")
+        raise ServiceError(ErrorType.VALIDATION_ERROR, "nothing to embed: give inputs, item_ids, or both", "inputs")
     rows = _item_rows(engine, body.item_ids)
     inputs = [(f"inputs[{i}]", (r.user_id, r.query, r.history, 0, False)) for i, r in enumerate(body.inputs)]
     prepared = await prepare_many(svc, engine, inputs)
@@ -306,8 +296,7 @@ async def run_openai_embeddings(svc: ServiceState, body: OpenAIEmbeddingsRequest
     _check_count(svc, len(texts), "input")
     if body.dimensions is not None and body.dimensions != engine.embed_dim:
         raise ServiceError(
-            422,
-            "unsupported_dimensions",
+            ErrorType.UNSUPPORTED_DIMENSIONS,
             f"dimensions: this model's embeddings have {engine.embed_dim} dimensions, not {body.dimensions} "
             "(h_t cannot be shortened)",
             "dimensions",
@@ -316,7 +305,7 @@ async def run_openai_embeddings(svc: ServiceState, body: OpenAIEmbeddingsRequest
     for i, text in enumerate(texts):
         if not text.strip():
             where = f"input[{i}]" if many else "input"
-            raise ServiceError(422, "validation_error", f"{where} is blank: every input is a query", where)
+            raise ServiceError(ErrorType.VALIDATION_ERROR, f"{where} is blank: every input is a query", where)
     inputs = [
         ("", (body.user, text, None, 0, False, f"input[{i}]" if many else "input")) for i, text in enumerate(texts)
     ]

@@ -23,10 +23,11 @@ from karma.config import ServeConfig
 from karma.errors import KarmaError
 from service.batching import MicroBatcher
 from service.engine import Engine, select_providers
-from service.errors import ServiceError
+from service.errors import ErrorType, ServiceError
 from service.history import HistoryStore, RedisUnavailable
 from service.loadguard import LoadGuard, run_in_daemon_thread
 from service.metrics import InFlight, Metrics
+from service.schemas import MAX_K
 from service.tracing import Tracing
 
 log = logging.getLogger("karma.service")
@@ -158,7 +159,9 @@ class ServiceState:
         """
         old, _ = self.serving()
         if self._reloading:
-            raise ServiceError(409, "reload_in_progress", "another reload is in progress; retry when it has finished")
+            raise ServiceError(
+                ErrorType.RELOAD_IN_PROGRESS, "another reload is in progress; retry when it has finished"
+            )
         target = self.bundle_path if directory is None else self.resolve_bundle(directory)
         assert target is not None
         self._reloading = True
@@ -173,10 +176,11 @@ class ServiceState:
             outcome = "rejected"
             if self.draining:
                 why = self._without_root(str(exc), target)
-                raise ServiceError(503, "not_ready", f"reload stopped: the service is shutting down ({why})") from None
+                raise ServiceError(
+                    ErrorType.NOT_READY, f"reload stopped: the service is shutting down ({why})"
+                ) from None
             raise ServiceError(
-                422,
-                "invalid_bundle",
+                ErrorType.INVALID_BUNDLE,
                 f"reload refused, still serving {old.model_version}: {self._without_root(str(exc), target)}",
                 "bundle",
                 extra={"model_version": old.model_version},
@@ -218,8 +222,7 @@ class ServiceState:
         resolved = (root / directory).resolve()  # an absolute `directory` replaces the root
         if not resolved.is_relative_to(root):
             raise ServiceError(
-                422,
-                "invalid_bundle",
+                ErrorType.INVALID_BUNDLE,
                 "reload refused: a bundle must be a folder under the bundle root (serve.bundle_root); "
                 "give its path relative to that root",
                 "bundle",
@@ -260,14 +263,13 @@ class ServiceState:
     def serving(self) -> tuple[Engine, MicroBatcher]:
         if self.draining:
             raise ServiceError(
-                503,
-                "not_ready",
+                ErrorType.NOT_READY,
                 "the service is shutting down",
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
         if not self.ready or self.engine is None or self.batcher is None:
             raise ServiceError(
-                503, "not_ready", "the service is starting", headers={"Retry-After": str(self.config.retry_after_s)}
+                ErrorType.NOT_READY, "the service is starting", headers={"Retry-After": str(self.config.retry_after_s)}
             )
         return self.engine, self.batcher
 
@@ -328,7 +330,8 @@ class ServiceState:
             },
             "load_budget": {"memory_mb": config.load_memory_budget_mb, "timeout_s": config.load_timeout_s},
             "limits": {
-                "k": [1, 1000],
+                "k": [1, MAX_K],
+                "max_batch_inputs": config.max_batch_inputs,
                 "max_body_bytes": config.max_body_bytes,
                 "max_query_chars": config.max_query_chars,
             },

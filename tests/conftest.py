@@ -1,31 +1,20 @@
-"""Shared fixtures: small configs that write only under pytest's tmp_path."""
+"""Shared fixtures (small configs and bundles that write only under pytest's tmp_path) and the test tiers.
+
+Plain helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import os
-import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
-from karma.config import KarmaConfig, load_config
-
-REPO = Path(__file__).resolve().parents[1]
-KARMA_BIN = str(Path(sys.executable).with_name("karma"))
-REDIS_URL = os.environ.get("KARMA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def redis_up() -> bool:
-    """Whether the test Redis answers a ping (tests that need it are skipped otherwise)."""
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-needs_redis = pytest.mark.skipif(not redis_up(), reason=f"no Redis at {REDIS_URL}")
+from karma.bundle import load_bundle
+from karma.config import KarmaConfig, load_config, profile_overrides
+from tests.helpers import REDIS_URL, redis_up, tiny_train_overrides
 
 
 @pytest.fixture
@@ -34,19 +23,10 @@ def tmp_config(tmp_path: Path) -> KarmaConfig:
     return load_config(
         overrides=[
             f"paths.artifacts={tmp_path / 'artifacts'}",
-            "data.synthetic.n_items=1000",
-            "data.synthetic.n_users=300",
-            "data.synthetic.n_events=6000",
-            "features.text_encoder=hashing",
+            *(o for o in profile_overrides() if o.startswith(("data.synthetic.", "features.text_encoder="))),
         ],
         environ={},
     )
-
-
-def write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -57,29 +37,6 @@ def _single_torch_thread() -> None:
     except ImportError:
         return
     torch.set_num_threads(1)
-
-
-def tiny_train_overrides(tmp_path: Path) -> list[str]:
-    """A seconds-scale training run: tiny backbone, hashing features, 1k-item synthetic data."""
-    return [
-        f"paths.artifacts={tmp_path / 'artifacts'}",
-        "data.synthetic.n_items=1000",
-        "data.synthetic.n_users=300",
-        "data.synthetic.n_events=6000",
-        "data.max_history=20",
-        "features.text_encoder=hashing",
-        "model.tiny_hidden=32",
-        "model.embed_dim=32",
-        "model.item_tower_hidden=64",
-        "loss.sampled_negatives=32",
-        "loss.flow_hidden=64",
-        "train.batch_size=16",
-        "train.steps=6",
-        "train.semantic_warmup_steps=2",
-        "train.warmup_steps=2",
-        "train.checkpoint_every=1000",
-        "eval.max_users=100",
-    ]
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +54,80 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     checkpoint = run_dir(config) / CHECKPOINT_DIR
     export_checkpoint(checkpoint, root / "bundle")
     return checkpoint, root / "bundle"
+
+
+# ---- test tiers ----------------------------------------------------------------------------------
+# Every test file belongs to one tier (a test may carry its own tier marker instead). `./run test` runs
+# them all; `./run test -m unit` is the seconds-scale loop, `-m "not e2e"` everything in-process.
+UNIT, INTEGRATION, E2E = "unit", "integration", "e2e"
+TIERS = {
+    # unit: pure functions and small models in-process; no Redis, no ONNX Runtime session, no server
+    **dict.fromkeys(
+        ["config", "evaluation", "layout", "losses", "model", "movielens", "plots", "progress", "split", "synthetic"],
+        UNIT,
+    ),
+    # integration: real Redis, ONNX Runtime, FAISS, the HTTP app, tiny trained models and bundles
+    **dict.fromkeys(
+        [
+            "data_validation",
+            "deploy",
+            "diagnostics",
+            "export",
+            "export_variants",
+            "features",
+            "packaging",
+            "reference_docs",
+            "service",
+            "service_batch_embed",
+            "service_hardening",
+            "service_overload",
+            "service_redis_faults",
+            "service_reload",
+            "service_searcher",
+            "service_tracing",
+            "train_serve_parity",
+            "training_tracking",
+        ],
+        INTEGRATION,
+    ),
+    # end-to-end: the CLI as a user runs it, torchrun, the demo, the study, karma bench, a fuzzed server
+    **dict.fromkeys(["bench", "cli", "service_fuzz", "study", "trainer"], E2E),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in (UNIT, INTEGRATION, E2E)):
+            continue
+        name = Path(str(item.fspath)).stem.removeprefix("test_")
+        if name not in TIERS:
+            raise pytest.UsageError(f"{item.fspath}: no test tier; add it to TIERS in tests/conftest.py")
+        item.add_marker(getattr(pytest.mark, TIERS[name]))
+
+
+# ---- the tiny bundle as the service tests use it ------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tiny_export: tuple[Path, Path]) -> Path:
+    return tiny_export[1]
+
+
+@pytest.fixture(scope="session")
+def reference(bundle_dir: Path) -> dict[str, Any]:
+    """The bundle and its own ORT sessions, for computing results directly (no service)."""
+    bundle = load_bundle(bundle_dir)
+    return {"bundle": bundle, "sessions": bundle.open_sessions(intra_op_threads=1)}
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A Redis key prefix of this test alone; its keys are deleted afterwards."""
+    name = f"karma-test-{uuid.uuid4().hex[:12]}-"
+    yield name
+    if redis_up():
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{name}*"))
+        if keys:
+            client.delete(*keys)
+        assert not list(client.scan_iter(match=f"{name}*"))

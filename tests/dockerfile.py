@@ -8,7 +8,7 @@ import shlex
 from dataclasses import dataclass
 from functools import cache
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 

@@ -28,7 +28,7 @@ from bench.stats import ab_ratios, summarize, sustained
 from karma.config import ServeConfig
 from karma.errors import KarmaError
 from service.app import create_app
-from tests.conftest import KARMA_BIN, REDIS_URL, needs_redis
+from tests.helpers import KARMA_BIN, REDIS_URL, needs_redis
 
 
 def fake_run(latencies: dict[int, list[float]], status: dict[int, list[int]] | None = None) -> dict[str, Any]:

@@ -8,17 +8,10 @@ import socket
 import subprocess
 from pathlib import Path
 
-from tests.conftest import KARMA_BIN
+from karma.config import profile_overrides
+from tests.helpers import KARMA_BIN
 
-TINY = [
-    "--set", "data.synthetic.n_items=1000",
-    "--set", "data.synthetic.n_users=200",
-    "--set", "data.synthetic.n_events=3000",
-    "--set", "features.text_encoder=hashing",
-    "--set", "train.steps=4",
-    "--set", "train.semantic_warmup_steps=2",
-    "--set", "train.batch_size=16",
-]  # fmt: skip
+TINY = [arg for item in profile_overrides() for arg in ("--set", item)]  # configs/tiny.yaml
 
 
 def run_karma(*args: str, env_artifacts: Path) -> subprocess.CompletedProcess[str]:
@@ -117,7 +110,7 @@ def test_train_never_overwrites_a_run_silently(tmp_path: Path) -> None:
 
     again = run_karma("train", *TINY, "--preset", "action-only", env_artifacts=tmp_path)
     assert again.returncode == 2 and again.stderr.count("error:") == 1, again.stderr
-    assert "already holds a checkpoint (step 6)" in again.stderr and "--resume" in again.stderr
+    assert "already holds a checkpoint (step 8)" in again.stderr and "--resume" in again.stderr
     assert "Traceback" not in again.stderr and state.stat().st_mtime_ns == stamp  # untouched
 
     other = run_karma("train", *TINY, "--preset", "karma", env_artifacts=tmp_path)  # its own folder

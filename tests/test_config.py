@@ -8,7 +8,7 @@ import pytest
 
 from karma.config import KarmaConfig, config_to_yaml, load_config
 from karma.errors import ConfigError
-from tests.conftest import REPO, write
+from tests.helpers import REPO, write
 
 
 def test_defaults_are_the_documented_ones() -> None:

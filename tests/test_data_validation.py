@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from karma.errors import DataValidationError
-from tests.conftest import KARMA_BIN, write
+from tests.helpers import KARMA_BIN, write
 from training.data.recbole import load_recbole
 from training.data.taobao import load_taobao_userbehavior
 

@@ -34,10 +34,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from karma.config import KarmaConfig, load_config
+from karma.config import KarmaConfig, env_var_name, load_config, profile_overrides
 from recipes.demo import DEMO_RUN_NAME
 from tests import dockerfile
-from tests.conftest import KARMA_BIN, REPO
+from tests.helpers import KARMA_BIN, REPO
 
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
@@ -168,6 +168,25 @@ def test_the_default_target_is_the_cpu_serving_image() -> None:
 def test_every_image_env_is_valid_config(image: str) -> None:
     """An unknown KARMA_* variable in an image would stop every `karma` command in it at start."""
     load_config(environ=karma_env(dockerfile.env(image)))
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_every_image_pins_the_thread_pools_like_the_service(image: str) -> None:
+    """karma.machine.THREAD_ENV is the one list; each image's ENV sets exactly those values."""
+    from karma.machine import THREAD_ENV
+
+    env = dockerfile.env(image)
+    assert {name: env.get(name) for name in THREAD_ENV} == THREAD_ENV
+
+
+def test_the_kubernetes_deployment_pins_the_thread_pools_too() -> None:
+    from karma.machine import THREAD_ENV
+
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s" / "deployment.yaml").read_text()))
+    container = next(d for d in docs if d and d.get("kind") == "Deployment")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    assert {e["name"]: e["value"] for e in container["env"] if e["name"] in THREAD_ENV} == THREAD_ENV
 
 
 def test_gpu_image_serves_like_the_cpu_image_but_insists_on_cuda() -> None:
@@ -350,14 +369,9 @@ def test_bundle_init_script_builds_a_loadable_bundle_once(tmp_path: Path) -> Non
         **karma_env(dockerfile.env("trainer")),
         "KARMA_PATHS__ARTIFACTS": str(artifacts),
         "PATH": f"{Path(KARMA_BIN).parent}{os.pathsep}{os.environ['PATH']}",
-        # seconds-scale training (tests/test_cli.py's TINY)
-        "KARMA_DATA__SYNTHETIC__N_ITEMS": "1000",
-        "KARMA_DATA__SYNTHETIC__N_USERS": "200",
-        "KARMA_DATA__SYNTHETIC__N_EVENTS": "3000",
-        "KARMA_FEATURES__TEXT_ENCODER": "hashing",
-        "KARMA_TRAIN__STEPS": "4",
-        "KARMA_TRAIN__SEMANTIC_WARMUP_STEPS": "2",
-        "KARMA_TRAIN__BATCH_SIZE": "16",
+        **{  # seconds-scale training (configs/tiny.yaml) through the environment, as compose would pass it
+            env_var_name(key.split(".")): value for key, value in (item.split("=", 1) for item in profile_overrides())
+        },
     }
     first = subprocess.run(["sh", "-ec", script], env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]

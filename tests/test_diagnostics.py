@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from karma.config import load_config
 from recipes.cli import app
-from tests.conftest import tiny_train_overrides
+from tests.helpers import tiny_train_overrides
 from training.checkpoint import read_checkpoint_info
 from training.diagnostics import (
     ATTENTION_METRICS,

@@ -158,6 +158,7 @@ def test_sasrec_windows_cover_every_training_target_once(synthetic) -> None:
     assert np.array_equal(got, np.sort(split.seq_items[split.train_pos].astype(np.int64)))
 
 
+@pytest.mark.integration  # trains SASRec on ML-100K (~13 s)
 def test_sasrec_beats_popularity_on_ml100k(tmp_config: KarmaConfig) -> None:
     """Test split, full ranking over all 1682 items, history excluded; short CE training (~5-15 s on 2 cores)."""
     ds = load_dataset(tmp_config, "ml-100k", progress=False)

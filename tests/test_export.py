@@ -33,7 +33,7 @@ from karma.bundle import (
 from karma.config import load_config
 from karma.errors import KarmaError
 from recipes.cli import app
-from tests.conftest import tiny_train_overrides
+from tests.helpers import tiny_train_overrides
 from training.checkpoint import read_checkpoint_info
 from training.setup import build_setup, embed_items
 from training.trainer import CHECKPOINT_DIR, run_dir, train

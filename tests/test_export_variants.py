@@ -21,7 +21,7 @@ from karma.bundle import ITEM_ENCODER_FILE, QUERY_ENCODER_FILE, load_bundle, ope
 from karma.config import load_config
 from karma.errors import KarmaError
 from recipes.cli import app
-from tests.conftest import tiny_train_overrides
+from tests.helpers import tiny_train_overrides
 from training.checkpoint import read_checkpoint_info
 from training.setup import build_setup
 from training.trainer import CHECKPOINT_DIR, run_dir, train

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from karma.config import load_config
-from tests.conftest import tiny_train_overrides
+from tests.helpers import tiny_train_overrides
 from training.data.split import Windows, training_windows
 from training.model.karma import PRESETS, LossWeights
 from training.model.negatives import CatalogNegatives

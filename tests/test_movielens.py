@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from karma.config import KarmaConfig
-from tests.conftest import KARMA_BIN
+from tests.helpers import KARMA_BIN
 from training.data.registry import load_dataset
 from training.data.split import split_dataset
 from training.data.stats import compute_stats
@@ -40,6 +40,7 @@ def test_ml100k_split_breaks_timestamp_ties_by_file_order(tmp_config: KarmaConfi
 
 
 @pytest.mark.slow
+@pytest.mark.e2e  # the karma CLI in a subprocess
 def test_ml1m_stats_from_cli(tmp_path: Path) -> None:
     out = tmp_path / "stats.json"
     result = subprocess.run(

@@ -14,7 +14,7 @@ from packaging.utils import canonicalize_name
 
 from karma.config import ENV_RESERVED
 from tests import dockerfile
-from tests.conftest import KARMA_BIN, REPO
+from tests.helpers import KARMA_BIN, REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 

@@ -15,7 +15,7 @@ import pytest
 
 from karma.config import KarmaConfig, config_reference, env_var_name, load_config
 from service.metrics import metric_specs, metrics_reference
-from tests.conftest import KARMA_BIN, REPO
+from tests.helpers import KARMA_BIN, REPO
 
 DOCS = REPO / "docs"
 

@@ -14,131 +14,33 @@ import random
 import signal
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import redis
-from prometheus_client.parser import text_string_to_metric_families
 
-from karma.bundle import load_bundle
 from karma.config import ServeConfig
 from service.app import create_app
 from service.launcher import free_port, wait_ready
-from tests.conftest import KARMA_BIN, REDIS_URL, REPO, needs_redis, redis_up
+from tests.helpers import (
+    KARMA_BIN,
+    REDIS_URL,
+    REPO,
+    assert_error,
+    assert_same_ranking,
+    catalog,
+    direct_search,
+    metric_samples,
+    needs_redis,
+    run,
+    sample,
+    serving,
+)
 
 DEAD_REDIS_URL = "redis://127.0.0.1:1/0"
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tiny_export: tuple[Path, Path]) -> Path:
-    return tiny_export[1]
-
-
-@pytest.fixture(scope="module")
-def reference(bundle_dir: Path) -> dict[str, Any]:
-    """The bundle and its own ORT sessions, for computing results directly (no service)."""
-    bundle = load_bundle(bundle_dir)
-    return {"bundle": bundle, "sessions": bundle.open_sessions(intra_op_threads=1)}
-
-
-@pytest.fixture
-def prefix() -> Iterator[str]:
-    """A Redis key prefix of this test alone; its keys are deleted afterwards."""
-    name = f"karma-test-{uuid.uuid4().hex[:12]}-"
-    yield name
-    if redis_up():
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{name}*"))
-        if keys:
-            client.delete(*keys)
-        assert not list(client.scan_iter(match=f"{name}*"))
-
-
-@asynccontextmanager
-async def serving(bundle_dir: Path, prefix: str, **overrides: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    settings = {
-        "bundle": bundle_dir,
-        "intra_op_threads": 1,
-        "access_log": False,
-        "redis_url": REDIS_URL,
-        "redis_key_prefix": prefix,
-        "bundle_root": Path("/"),  # test bundles live in different pytest tmp folders
-        **overrides,
-    }
-    app = create_app(ServeConfig(**settings))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://karma") as client:
-            yield app, client
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-def direct_search(reference: dict[str, Any], query: str, history: list[str], k: int, exclude: bool) -> tuple:
-    """Encode with the bundle's sessions and brute-force inner products over item_embeddings."""
-    bundle = reference["bundle"]
-    row_of = {str(item): row for row, item in enumerate(bundle.items["item_id"].tolist())}
-    rows = [row_of[i] for i in history if i in row_of]
-    feeds = bundle.query_feeds([query], [np.asarray(rows, dtype=np.int64)])
-    h = reference["sessions"].encode_query(feeds)[0]
-    scores = bundle.item_embeddings @ h
-    if exclude and rows:
-        scores[np.asarray(rows)] = -np.inf
-    order = np.argsort(-scores, kind="stable")[:k]
-    order = order[np.isfinite(scores[order])]
-    item_ids = bundle.items["item_id"].astype(str).to_numpy()
-    return list(item_ids[order]), scores[order]
-
-
-def assert_same_ranking(got: dict[str, Any], ref_ids: list[str], ref_scores: np.ndarray) -> None:
-    ids = [i["item_id"] for i in got["items"]]
-    scores = np.array([i["score"] for i in got["items"]])
-    assert len(ids) == len(ref_ids)
-    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
-    for pos, (a, b) in enumerate(zip(ids, ref_ids, strict=True)):
-        if a != b:  # only a near-tie may swap places
-            neighbours = ref_scores[max(0, pos - 1) : pos + 2]
-            assert np.ptp(neighbours) < 1e-5, f"rank {pos}: {a} vs {b} (scores {neighbours})"
-
-
-def catalog(reference: dict[str, Any]) -> list[str]:
-    return reference["bundle"].items["item_id"].astype(str).tolist()
-
-
-def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def sample(samples: dict, name: str, **labels: str) -> float:
-    """Sum of samples `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
-
-
-def assert_error(response: httpx.Response, status: int, type_: str | None = None, field: str | None = None) -> dict:
-    assert response.status_code == status, (response.status_code, response.text)
-    body = response.json()
-    assert set(body) >= {"error", "type", "field"} and isinstance(body["error"], str) and body["error"]
-    if type_ is not None:
-        assert body["type"] == type_, body
-    if field is not None:
-        assert body["field"] == field, body
-    return body
-
-
-# ---- search ------------------------------------------------------------------------------------------
 
 
 @needs_redis

@@ -14,15 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import needs_redis
-from tests.test_service import assert_same_ranking, catalog, direct_search, prefix, reference, run, serving
-
-__all__ = ["prefix", "reference"]  # fixtures re-used from tests/test_service.py
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tiny_export: tuple[Path, Path]) -> Path:
-    return tiny_export[1]
+from tests.helpers import assert_same_ranking, catalog, direct_search, metric_samples, needs_redis, run, serving
 
 
 def ort_h(reference: dict[str, Any], query: str, history: list[str]) -> np.ndarray:
@@ -223,7 +215,6 @@ def test_new_routes_are_in_the_openapi_schema_with_examples(bundle_dir: Path, pr
 
 def test_metrics_label_requests_answered_before_routing_by_their_route(bundle_dir: Path, prefix: str) -> None:
     """413s, docs assets and 404s get real endpoint labels ("unmatched" only where no route serves the path)."""
-    from tests.test_service import metric_samples
 
     async def go() -> str:
         async with serving(bundle_dir, prefix, max_body_bytes=2048) as (_, client):

@@ -28,8 +28,7 @@ from service.engine import Engine, request_tokens
 from service.launcher import free_port, long_history_copy, wait_ready
 from service.metrics import InFlight, Metrics
 from service.middleware import Admission, ServiceMiddleware
-from tests.conftest import KARMA_BIN, REDIS_URL
-from tests.test_service import assert_error, metric_samples, sample, serving
+from tests.helpers import KARMA_BIN, REDIS_URL, assert_error, metric_samples, sample, serving
 
 KEY = "test-admin-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

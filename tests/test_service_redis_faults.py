@@ -12,21 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import redis
 
 from karma.config import ServeConfig
 from service.app import create_app
 from service.launcher import LocalRedis
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tiny_export: tuple[Path, Path]) -> Path:
-    return tiny_export[1]
+from tests.helpers import run
 
 
 def app_for(bundle_dir: Path, redis_url: str, **overrides: Any) -> Any:

@@ -26,8 +26,16 @@ from karma.bundle import load_bundle, resign_bundle
 from karma.config import config_to_yaml, load_config
 from service.app import create_app
 from service.launcher import free_port, wait_ready
-from tests.conftest import KARMA_BIN, tiny_train_overrides
-from tests.test_service import REDIS_URL, assert_error, metric_samples, needs_redis, sample, serving
+from tests.helpers import (
+    KARMA_BIN,
+    REDIS_URL,
+    assert_error,
+    metric_samples,
+    needs_redis,
+    sample,
+    serving,
+    tiny_train_overrides,
+)
 
 KEY = "test-admin-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from karma.config import ServeConfig
 from service.app import create_app
-from tests.test_service import run
+from tests.helpers import run
 
 STAGES = ["history", "queue", "featurize", "encode", "search"]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -13,7 +13,7 @@ from karma.errors import ConfigError, KarmaError
 from recipes.study import build_report, load_study, rediagnose, run_study
 from recipes.study.aggregate import hr_curve, paired_deltas, spread
 from recipes.study.runs import RANKS_FILE, RUN_RESULT, execute_run, same_signature, signature
-from tests.conftest import KARMA_BIN, REPO
+from tests.helpers import KARMA_BIN, REPO
 from training.evaluation.metrics import metrics_from_ranks
 
 SMOKE = REPO / "studies" / "smoke.yaml"

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from karma.config import load_config
-from tests.conftest import tiny_train_overrides
+from tests.helpers import tiny_train_overrides
 from training.trainer import CHECKPOINT_DIR, METRICS_LOG, run_dir, train
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from karma.config import load_config
-from tests.conftest import tiny_train_overrides
+from tests.helpers import tiny_train_overrides
 from training.tracking import TENSORBOARD_DIR, Tracker, flat_params, scalars
 from training.trainer import METRICS_LOG, run_dir, train
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from karma.config import KarmaConfig
 from training.baselines.popularity import popularity_embeddings
-from training.evaluation import eval_targets, evaluate_embeddings, print_metrics_table, protocol_text
+from training.evaluation import eval_targets, evaluate_embeddings, print_metrics_table, protocol_for
 from training.setup import Setup, build_setup, embed_items, embed_users
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,7 @@ def evaluate_setup(
     if with_baselines:
         pop_users, pop_items = popularity_embeddings(setup.split, setup.dataset.catalog.n_items, targets.n_users)
         results["most-popular"] = evaluate_embeddings(pop_users, pop_items, targets, cold, cfg.eval.ks)
-    protocol = protocol_text(
-        setup.dataset.name,
-        which,
-        targets.n_users,
-        cfg.eval.ks,
-        cfg.eval.exclude_history,
-        cfg.data.max_history,
-        setup.dataset.catalog.n_items,
-    )
+    protocol = protocol_for(cfg, setup.dataset, which, targets.n_users)
     if print_table:
         print_metrics_table(results, protocol, title=title or f"{which} ({cfg.model.backbone}, {cfg.loss.preset})")
     return {"protocol": protocol, "results": results}

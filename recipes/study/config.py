@@ -29,6 +29,11 @@ class StudyConfig(StrictModel):
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Folder-safe study name.")
     title: str = Field("", description="One line for the report's heading.")
+    profile: Path | None = Field(
+        None,
+        description="A config file every run starts from, under `overrides` (relative to the study file, else to "
+        "the working folder), e.g. configs/tiny.yaml.",
+    )
     overrides: list[str] = Field(
         default_factory=list, description="KEY=VALUE config overrides shared by every run (data, backbone, budget)."
     )
@@ -111,7 +116,7 @@ class StudyConfig(StrictModel):
             f"seed={seed}",
             f"train.run_name={self.run_name(preset, seed)}",
         ]
-        return load_config(None, overrides, environ={})
+        return load_config(self.profile, overrides, environ={})
 
 
 def load_study(path: Path | str) -> StudyConfig:
@@ -126,11 +131,14 @@ def load_study(path: Path | str) -> StudyConfig:
         raise ConfigError(f"study file {path}: top level must be a mapping")
     try:
         study = StudyConfig.model_validate(raw)
+        if study.profile is not None and not study.profile.is_absolute():
+            beside = (path.parent / study.profile).resolve()  # relative to the study file, else to the working folder
+            study.profile = beside if beside.is_file() else study.profile.resolve()
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'study'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"study file {path}: {problems}") from None
     study.run_config(study.presets[0], study.seeds[0])  # a bad override fails here, naming itself
-    from training.baselines.sasrec import SASRecConfig
+    from training.baselines_config import SASRecConfig
 
     try:
         SASRecConfig(**study.sasrec)

@@ -226,8 +226,8 @@ def _diagnostics_table(
     lines = [
         f"## Collapse diagnostics ({study.diagnose_users} test users, mean ± std over seeds)",
         "",
-        "Definitions: `training/diagnostics/metrics.py` (module docstring). The attention sink is the share of attention "
-        "on the first position; the 'barcode' score is how alike the attention rows are (vertical stripes). "
+        "Definitions: `training/diagnostics/metrics.py` (module docstring). The attention sink is the share of "
+        "attention on the first position; the 'barcode' score is how alike the attention rows are (vertical stripes). "
         "Reference = the same metric for uniform causal attention / random items.",
         "",
     ]

@@ -25,7 +25,7 @@ from karma.config import KarmaConfig
 from karma.errors import KarmaError
 from karma.jsonable import to_jsonable
 from karma.machine import machine
-from training.evaluation import eval_targets, protocol_text
+from training.evaluation import eval_targets, protocol_for
 from training.evaluation.metrics import rank_targets
 from training.evaluation.report import segment_metrics
 
@@ -131,15 +131,7 @@ def evaluate_ranks(setup: Any) -> tuple[np.ndarray, dict[str, Any], str]:
     ranks = _ranks(users, embed_items(setup), targets, cfg)
     metrics = segment_metrics(ranks, targets.items, setup.dataset.catalog.cold, cfg.eval.ks)
     save_ranks(run_dir(cfg) / RANKS_FILE, ranks, targets, setup.dataset.catalog.cold)
-    protocol = protocol_text(
-        setup.dataset.name,
-        "test",
-        targets.n_users,
-        cfg.eval.ks,
-        cfg.eval.exclude_history,
-        cfg.data.max_history,
-        setup.dataset.catalog.n_items,
-    )
+    protocol = protocol_for(cfg, setup.dataset, "test", targets.n_users)
     return ranks.numpy(), metrics, protocol
 
 
@@ -297,17 +289,8 @@ def execute_baseline(
     users, items = baseline_embeddings(name, dataset, split, config, targets, sasrec_cfg, device, progress)
     ranks = _ranks(users, items, targets, config)
     save_ranks(out_dir / f"{name}_{RANKS_FILE}", ranks, targets, dataset.catalog.cold)
-    protocol = protocol_text(
-        dataset.name,
-        "test",
-        targets.n_users,
-        ev.ks,
-        ev.exclude_history,
-        config.data.max_history,
-        dataset.catalog.n_items,
-    )
-    if name == "sasrec":
-        protocol = protocol.replace(f"newest {config.data.max_history} events", f"newest {sasrec_cfg.max_len} events")
+    window = sasrec_cfg.max_len if name == "sasrec" else True
+    protocol = protocol_for(config, dataset, "test", targets.n_users, model_input=window)
     result = {
         "baseline": name,
         "signature": current,

@@ -32,7 +32,7 @@ from training.baselines.sasrec import (
 from training.baselines_config import BASELINES
 from training.data.schema import Dataset
 from training.data.split import Split
-from training.evaluation.protocol import EvalTargets, eval_targets, protocol_text
+from training.evaluation.protocol import EvalTargets, eval_targets, protocol_for
 from training.evaluation.report import evaluate_embeddings
 
 log = logging.getLogger(__name__)
@@ -59,14 +59,7 @@ __all__ = [
 def baseline_protocol(dataset: Dataset, split: Split, config: KarmaConfig, which: str = "test") -> str:
     """The protocol line for `run_baselines(..., which=which)` with this config."""
     targets = eval_targets(split, which, config.eval.exclude_history, config.eval.max_users)  # type: ignore[arg-type]
-    return protocol_text(
-        dataset.name,
-        which,
-        targets.n_users,
-        config.eval.ks,
-        config.eval.exclude_history,
-        n_items=dataset.catalog.n_items,
-    )
+    return protocol_for(config, dataset, which, targets.n_users, model_input=None)
 
 
 def baseline_embeddings(

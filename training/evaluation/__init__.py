@@ -7,7 +7,7 @@ beside every number.
 """
 
 from training.evaluation.metrics import metric_names, metrics_from_ranks, rank_from_scores, rank_targets
-from training.evaluation.protocol import EvalTargets, eval_targets, full_history_csr, protocol_text
+from training.evaluation.protocol import EvalTargets, eval_targets, full_history_csr, protocol_for, protocol_text
 from training.evaluation.report import (
     evaluate_embeddings,
     print_metrics_table,
@@ -23,6 +23,7 @@ __all__ = [
     "metric_names",
     "metrics_from_ranks",
     "print_metrics_table",
+    "protocol_for",
     "protocol_text",
     "rank_from_scores",
     "rank_targets",

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from training.data.split import Split
+
+if TYPE_CHECKING:
+    from karma.config import KarmaConfig
+    from training.data.schema import Dataset
 
 Which = Literal["valid", "test"]
 
@@ -116,3 +120,21 @@ def protocol_text(
         parts.append(f"model input=newest {max_history} events")
     parts.append("ties pessimistic")
     return ", ".join(parts)
+
+
+def protocol_for(
+    config: KarmaConfig, dataset: Dataset, which: str, n_users: int, model_input: int | bool | None = True
+) -> str:
+    """`protocol_text` from a run's config and data set (K, history exclusion, catalog size): one call for every
+    table. `model_input`: True = the config's data.max_history, an int = another model's window (SASRec's
+    max_len), None/False = no model-input clause (baselines that read no window)."""
+    history = config.data.max_history if model_input is True else (model_input or None)
+    return protocol_text(
+        dataset.name,
+        which,
+        n_users,
+        config.eval.ks,
+        config.eval.exclude_history,
+        history,
+        dataset.catalog.n_items,
+    )

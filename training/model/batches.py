@@ -17,13 +17,11 @@ import torch
 from karma.config import KarmaConfig
 from karma.contracts import (
     HIST_FEATURES_INPUT,
-    HIST_MASK_INPUT,
     ITEM_BUCKETS_INPUT,
+    ITEM_INPUT,
     QUERY_BUCKETS_INPUT,
-    QUERY_IDS_INPUT,
-    QUERY_MASK_INPUT,
 )
-from karma.featurize import pad_histories
+from karma.featurize import pad_histories, query_encoder_feeds
 from karma.tokenization import TextTokenizer
 from training.data.schema import Dataset
 from training.data.split import Split, Windows
@@ -88,21 +86,23 @@ class Batcher:
         return [q or "" for q in self.queries[self.split.seq_events[positions]]]
 
     def encoder_inputs(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        """What the served query tower takes: query ids/mask, history features/mask (+ buckets)."""
-        query_ids, query_mask = self.tokenizer.encode(self.query_texts(positions), self.max_query_tokens)
-        hist_items, hist_mask = self.history(positions)
-        inputs = {
-            QUERY_IDS_INPUT: torch.from_numpy(query_ids),
-            QUERY_MASK_INPUT: torch.from_numpy(query_mask),
-            HIST_FEATURES_INPUT: self.features[hist_items],
-            HIST_MASK_INPUT: hist_mask,
-        }
-        if self.id_buckets is not None:
-            inputs[QUERY_BUCKETS_INPUT] = self.id_buckets[hist_items]
-        return inputs
+        """What the served query tower takes, built by the service's own `query_encoder_feeds` (query ids/mask,
+        history features/mask, + buckets): training and serving cannot drift apart."""
+        starts, ends = self.split.history_bounds(positions)
+        rows = [self.split.seq_items[start:end] for start, end in zip(starts, ends, strict=True)]
+        feeds = query_encoder_feeds(
+            self.tokenizer,
+            self.features.numpy(),  # shares memory with the tensor
+            self.query_texts(positions),
+            rows,
+            self.max_query_tokens,
+            self.split.max_history,
+            None if self.id_buckets is None else self.id_buckets.numpy(),
+        )
+        return {name: torch.from_numpy(value) for name, value in feeds.items()}
 
     def item_inputs(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
-        inputs = {"features": self.features[items]}
+        inputs = {ITEM_INPUT: self.features[items]}
         if self.id_buckets is not None:
             inputs[ITEM_BUCKETS_INPUT] = self.id_buckets[items]
         return inputs

@@ -1,4 +1,4 @@
-"""Schemathesis hooks for `benchmarks/fuzz_service.py` (loaded with SCHEMATHESIS_HOOKS).
+"""Schemathesis hooks for `tests/test_service_fuzz.py` (loaded with SCHEMATHESIS_HOOKS).
 
 `positive_data_acceptance_stateful` replaces schemathesis' `positive_data_acceptance`, which wants
 every schema-valid request accepted. A schema cannot know server state, so this version also lets
