@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap as mmap_module
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,14 +410,36 @@ def _check_files(directory: Path, manifest: Manifest, verify_checksums: bool, wh
                 raise KarmaError(f"{where}: {name} does not match its sha256 in the manifest (changed or corrupt)")
 
 
-def _load_npy(path: Path, dtype: str, shape: tuple[int, ...], what: str, where: str) -> np.ndarray:
+def _load_npy(path: Path, dtype: str, shape: tuple[int, ...], what: str, where: str, mmap: bool = False) -> np.ndarray:
+    """`mmap`: map the file read-only instead of reading it (rows are paged in when a request gathers them)."""
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        if mmap and hasattr(array, "_mmap") and hasattr(mmap_module, "MADV_RANDOM"):
+            array._mmap.madvise(mmap_module.MADV_RANDOM)  # rows are gathered at random: no read-ahead
     except (ValueError, OSError) as exc:
         raise KarmaError(f"{where}: {path.name} is not a readable .npy file ({exc})") from None
     if array.dtype != np.dtype(dtype) or array.shape != shape:
         raise KarmaError(f"{where}: {path.name} is {array.dtype} {array.shape}, but {what} gives {dtype} {shape}")
     return array
+
+
+def _bad_rows(array: np.ndarray) -> int:
+    return int(np.count_nonzero(~np.isfinite(array.sum(axis=1, dtype=np.float64))))
+
+
+def _rows_not_finite(path: Path, mapped: np.memmap, chunk_bytes: int = 64 << 20) -> int:
+    """`_bad_rows` of a mapped 2-D .npy, read through a buffer: checking the mapping itself would make every
+    page of the file resident in this process."""
+    rows, width = mapped.shape
+    rows_per_chunk = max(1, chunk_bytes // max(1, width * mapped.dtype.itemsize))
+    bad = 0
+    with path.open("rb") as handle:
+        handle.seek(mapped.offset)
+        for start in range(0, rows, rows_per_chunk):
+            count = min(rows_per_chunk, rows - start)
+            chunk = np.fromfile(handle, dtype=mapped.dtype, count=count * width).reshape(count, width)
+            bad += _bad_rows(chunk)
+    return bad
 
 
 def import_faiss() -> Any:
@@ -469,8 +492,10 @@ def load_bundle(
         raise KarmaError(f"{where}: dims.feature_dim={dims.feature_dim} but the feature layout adds up to {layout.dim}")
     if manifest.index.n_items != n:
         raise KarmaError(f"{where}: index.n_items={manifest.index.n_items} but n_items={n}")
+    # Item features are only gathered row by row (a request's history): mapped, not loaded, so a replica's
+    # memory is bounded by the index and the embeddings, not by F x catalog.
     features = _load_npy(
-        directory / ITEM_FEATURES_FILE, "float32", (n, dims.feature_dim), "n_items x dims.feature_dim", where
+        directory / ITEM_FEATURES_FILE, "float32", (n, dims.feature_dim), "n_items x dims.feature_dim", where, True
     )
     embeddings = _load_npy(
         directory / ITEM_EMBEDDINGS_FILE, "float32", (n, dims.embed_dim), "n_items x dims.embed_dim", where
@@ -478,7 +503,7 @@ def load_bundle(
     # Row sums in float64 are non-finite exactly when a row holds NaN/inf (float32 values cannot
     # overflow them), and need n floats of scratch instead of an n x F mask at start-up.
     for name, array in ((ITEM_FEATURES_FILE, features), (ITEM_EMBEDDINGS_FILE, embeddings)):
-        bad = int(np.count_nonzero(~np.isfinite(array.sum(axis=1, dtype=np.float64))))
+        bad = _rows_not_finite(directory / name, array) if isinstance(array, np.memmap) else _bad_rows(array)
         if bad:
             raise KarmaError(f"{where}: {name} has {bad} row(s) with NaN or infinite values")
     if n and float(np.einsum("ij,ij->i", embeddings, embeddings).min()) < 1e-12:

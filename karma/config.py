@@ -48,7 +48,7 @@ ENV_RESERVED = frozenset(
 ENV_RESERVED_PREFIXES = ("KARMA_LOADTEST_", "KARMA_BENCH_")
 # Secrets: taken verbatim from env/CLI (never YAML-parsed: `0123...` must not become a number) and
 # left out of config dumps (`config_to_yaml`, checkpoint config files).
-SECRET_KEYS = frozenset({("serve", "admin_api_key"), ("serve", "api_key")})
+SECRET_KEYS = frozenset({("serve", "admin_api_key"), ("serve", "api_key"), ("serve", "milvus_token")})
 
 
 class StrictModel(BaseModel):
@@ -404,6 +404,24 @@ class ServeConfig(StrictModel):
     )
     intra_op_threads: int = Field(
         1, ge=1, le=256, description="ONNX Runtime intra-op threads (explicit; never ORT's all-cores default)."
+    )
+    index_backend: Literal["faiss", "milvus"] = Field(
+        "faiss",
+        description=(
+            "Where item vectors are searched: faiss = the bundle's index in this process; milvus = a Milvus "
+            "collection (serve.milvus_uri) that every replica shares, filled from the bundle on first use."
+        ),
+    )
+    milvus_uri: str = Field(
+        "artifacts/milvus/karma.db",
+        description="Milvus: a file path = embedded Milvus Lite; http://host:19530 = Milvus standalone or cluster.",
+    )
+    milvus_token: str | None = Field(None, description="Milvus: `user:password` or an API token (never logged).")
+    milvus_collection_prefix: str = Field(
+        "karma_", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Milvus: collection = prefix + model_version."
+    )
+    milvus_index: Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"] = Field(
+        "FLAT", description="Milvus vector index (FLAT = exact inner product, the same ranking as FAISS flat)."
     )
     rerank_factor: int = Field(
         4,

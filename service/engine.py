@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from karma.bundle import Bundle, EncoderSessions, load_bundle, read_manifest
 from karma.errors import KarmaError
 from karma.featurize import query_encoder_feeds
-from karma.search import search_top_k
+from service.index import FaissBackend, IndexBackend
 from service.loadguard import LoadGuard, LoadStopped
 
 log = logging.getLogger("karma.service")
@@ -125,6 +126,7 @@ class Engine:
         self.index_device = "cpu"  # "cuda" once `load` has moved the index to the GPU
         self._embeddings = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
         self.rerank_factor = 1  # `load` sets serve.rerank_factor for approximate indexes
+        self.index: IndexBackend = FaissBackend(bundle.index, self._embeddings)  # `load`/`prepare` may replace it
         self.run_options: Any = None  # an ort.RunOptions while a LoadGuard watches the probe and warm-up
         self._gpu_resources: Any = None
         if self._needs_buckets and self._buckets is None:
@@ -146,6 +148,7 @@ class Engine:
         engine.index_device = select_faiss_device(faiss_device, bundle.manifest.index.type)
         if engine.index_device == "cuda":
             bundle.index, engine._gpu_resources = index_to_gpu(bundle.index)
+        engine.index = FaissBackend(bundle.index, engine._embeddings, engine.rerank_factor, bundle.manifest.index.type)
         return engine
 
     @classmethod
@@ -159,6 +162,7 @@ class Engine:
         rerank_factor: int = 1,
         max_batch_tokens: int | None = None,
         guard: LoadGuard | None = None,
+        index_backend: Callable[[Engine], IndexBackend] | None = None,
     ) -> Engine:
         """Load, validate, probe and warm a bundle, ready to serve (start-up and hot reload; blocking).
 
@@ -181,6 +185,9 @@ class Engine:
                     )
                 warm_batch = max(1, min(warm_batch, max_batch_tokens // tokens))
             engine = cls.load(directory, providers, intra_op_threads, faiss_device, rerank_factor)
+            if index_backend is not None:  # e.g. Milvus instead of the bundle's FAISS index (serve.index_backend)
+                stage = "index backend"
+                engine.index = index_backend(engine)
             if guard is not None:
                 guard.check()
                 engine.run_options = guard.run_options
@@ -281,7 +288,7 @@ class Engine:
                 cut = query_lengths[i] > self.max_query_tokens
                 results[i] = JobResult(_EMPTY, _NO_SCORES, len(jobs), query_truncated=cut)
         for members, k_search in self.search_groups(jobs):
-            scores, rows = search_top_k(self.bundle.index, self._embeddings, h[members], k_search, self.rerank_factor)
+            scores, rows = self.index.search(h[members], k_search)
             for at, i in enumerate(members):
                 job = jobs[i]
                 keep = rows[at] >= 0  # FAISS pads with -1 when it finds fewer than asked
@@ -336,7 +343,7 @@ class Engine:
         norm = float(np.linalg.norm(h))
         if abs(norm - 1.0) > 1e-3:
             raise KarmaError(f"probe embedding has norm {norm:.4f}, expected 1 (unit length)")
-        scores, rows = self.bundle.index.search(h.astype(np.float32), 1)
+        scores, rows = self.index.search(h.astype(np.float32), 1)
         if rows[0, 0] < 0 or not np.isfinite(scores[0, 0]):
             raise KarmaError("probe search found nothing: the index is empty or broken")
         return {"ms": round((time.perf_counter() - start) * 1000, 3)}

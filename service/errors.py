@@ -42,6 +42,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import Match
 
+from service.responses import json_response
+
 log = logging.getLogger("karma.service")
 
 _HTTP_TYPES = {
@@ -161,8 +163,7 @@ def error_response(
     **extra: Any,
 ) -> Response:
     """A JSON error response (built by hand so it also works outside FastAPI, in the ASGI middleware)."""
-    content = json.dumps(error_body(message, type_, field, **extra), ensure_ascii=False).encode()
-    return Response(content, status_code=status, headers=headers, media_type="application/json")
+    return json_response(error_body(message, type_, field, **extra), status, headers)
 
 
 def service_error_response(exc: ServiceError, metrics: Any | None) -> Response:

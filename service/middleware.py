@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import re
 import time
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import ErrorType, error_response
 from service.logs import request_id_var
 from service.metrics import InFlight, Metrics, endpoint_label
 
@@ -70,13 +69,11 @@ def _api_key_of(headers: dict[str, str]) -> bytes:
 
 def _overloaded_response(retry_after_s: int) -> tuple[Message, Message]:
     """The 429 `overloaded` answer as two ready ASGI messages (built once, sent as is)."""
-    body = json.dumps(
-        {
-            "error": "too many requests in flight on this replica; retry after the Retry-After delay, with backoff",
-            "type": "overloaded",
-            "field": None,
-        }
-    ).encode()
+    body = error_response(
+        429,
+        "too many requests in flight on this replica; retry after the Retry-After delay, with backoff",
+        ErrorType.OVERLOADED,
+    ).body
     start: Message = {
         "type": "http.response.start",
         "status": 429,

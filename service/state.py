@@ -25,6 +25,7 @@ from service.batching import MicroBatcher
 from service.engine import Engine, select_providers
 from service.errors import ErrorType, ServiceError
 from service.history import HistoryStore, RedisUnavailable
+from service.index import MilvusBackend, collection_name
 from service.loadguard import LoadGuard, run_in_daemon_thread
 from service.metrics import InFlight, Metrics
 from service.schemas import MAX_K
@@ -35,6 +36,26 @@ log = logging.getLogger("karma.service")
 
 # Builds the Engine for a bundle folder (blocking; runs in a worker thread; must return it probed and warmed).
 EngineFactory = Callable[[Path], Engine]
+
+
+def milvus_backend(config: ServeConfig) -> Callable[[Engine], MilvusBackend]:
+    """For Engine.prepare: the Milvus collection of the engine's model, filled from its bundle if new."""
+
+    def build(engine: Engine) -> MilvusBackend:
+        uri = config.milvus_uri
+        if "://" not in uri:  # Milvus Lite: a local file
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        backend = MilvusBackend(
+            uri,
+            collection_name(config.milvus_collection_prefix, engine.model_version),
+            engine.embed_dim,
+            config.milvus_index,
+            config.milvus_token,
+        )
+        backend.ensure(engine.item_vectors(list(range(engine.n_items))))
+        return backend
+
+    return build
 
 
 class ServiceState:
@@ -125,6 +146,7 @@ class ServiceState:
                     config.rerank_factor,
                     config.max_batch_tokens,
                     guard,
+                    milvus_backend(config) if config.index_backend == "milvus" else None,
                 )
             finally:
                 self._load_guard = None
@@ -290,10 +312,14 @@ class ServiceState:
                 log.exception("readiness probe failed")
                 checks["encoder"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 reasons.append(f"probe inference failed: {exc}")
-            checks["index"] = {
-                "ok": engine.bundle.index.ntotal == engine.n_items,
-                "n_items": engine.bundle.index.ntotal,
-            }
+            try:
+                held = await batcher.run_in_worker(engine.index.count)
+                checks["index"] = {"ok": held >= engine.n_items, "backend": engine.index.name, "n_items": held}
+                if held < engine.n_items:
+                    reasons.append(f"the {engine.index.name} index holds {held} of the bundle's {engine.n_items} items")
+            except Exception as exc:  # e.g. Milvus unreachable
+                checks["index"] = {"ok": False, "backend": engine.index.name, "error": f"{type(exc).__name__}: {exc}"}
+                reasons.append(f"{engine.index.name} index unavailable: {exc}")
         try:
             began = time.perf_counter()
             await self.history.ping()
@@ -358,6 +384,7 @@ class ServiceState:
                         "device": engine.index_device,
                         "rerank_factor": engine.rerank_factor,
                     },
+                    "index_backend": engine.index.describe(),
                     "parameters": {**m.served_parameters, "served": engine.parameters},
                     "flops_per_request": engine.flops_per_request,
                     "session_providers": engine.sessions.providers,

@@ -42,6 +42,7 @@ from tests.helpers import KARMA_BIN, REPO
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPU_FILE = DEPLOY / "docker-compose.gpu.yml"
+COMPOSE_MILVUS_FILE = DEPLOY / "docker-compose.milvus.yml"
 K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "karma.json"
 LOCUSTFILE = REPO / "loadtest" / "search.py"
@@ -223,7 +224,24 @@ COMPOSE_DOCS = {
     "docker-compose.yml": compose,
     "docker-compose.gpu.yml": compose_gpu_override,
     "docker-compose.yml + docker-compose.gpu.yml": lambda: merge(compose(), compose_gpu_override()),
+    "docker-compose.milvus.yml": lambda: yaml.safe_load(COMPOSE_MILVUS_FILE.read_text()),
+    "docker-compose.yml + docker-compose.milvus.yml": lambda: merge(
+        compose(), yaml.safe_load(COMPOSE_MILVUS_FILE.read_text())
+    ),
 }
+
+
+def test_the_milvus_override_serves_from_the_milvus_service_with_valid_config() -> None:
+    stack = merge(compose(), yaml.safe_load(COMPOSE_MILVUS_FILE.read_text()))
+    karma = stack["services"]["karma"]
+    cfg = load_config(environ={**karma_env(dockerfile_env()), **karma_env(karma["environment"])})
+    assert cfg.serve.index_backend == "milvus" and cfg.serve.milvus_index == "FLAT"
+    uri = urlsplit(cfg.serve.milvus_uri)
+    assert uri.hostname == "milvus" and uri.port == 19530 and "19530" in stack["services"]["milvus"]["expose"]
+    assert karma["depends_on"]["milvus"]["condition"] == "service_healthy"
+    assert karma["depends_on"]["redis"]["condition"] == "service_healthy"  # the base file's dependencies stay
+    for needed in ("etcd", "minio"):
+        assert stack["services"]["milvus"]["depends_on"][needed]["condition"] == "service_healthy"
 
 
 @pytest.mark.parametrize("name", list(COMPOSE_DOCS))

@@ -106,7 +106,7 @@ def test_int8_h_and_item_vectors_have_cosine_at_least_0_99_with_pytorch(bundles:
     with torch.inference_mode():
         reference_h = setup.model.eval().query_tower(**inputs).numpy()
         buckets = None if bundle.item_id_buckets is None else torch.from_numpy(bundle.item_id_buckets)
-        reference_e = setup.model.item_tower(torch.from_numpy(bundle.item_features), buckets).numpy()
+        reference_e = setup.model.item_tower(torch.from_numpy(np.array(bundle.item_features)), buckets).numpy()
     h = sessions.encode_query({k: v.numpy() for k, v in inputs.items()})
     assert _cosine(h, reference_h).min() >= 0.99
     assert not np.allclose(h, reference_h, atol=1e-5)  # it really is a different (quantised) function
