@@ -115,3 +115,23 @@ def _find(tree: Any, key: str) -> Any:
             if found is not None:
                 return found
     return None
+
+
+def test_an_unreachable_milvus_or_a_collection_of_another_width_is_one_clear_error(
+    bundle: Any, tiny_export: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from karma.errors import KarmaError
+    from service.engine import Engine
+    from service.state import milvus_backend
+
+    config = ServeConfig(bundle=tiny_export[1], index_backend="milvus", milvus_uri="http://127.0.0.1:1")
+    with pytest.raises(KarmaError, match=r"index backend failed: Milvus at http://127.0.0.1:1: cannot connect"):
+        Engine.prepare(tiny_export[1], ["CPUExecutionProvider"], 1, 1, index_backend=milvus_backend(config))
+    other = MilvusBackend(str(tmp_path / "w.db"), "wide", 8)
+    try:
+        other.ensure(unit(np.ones((3, 8), dtype=np.float32)))
+        clash = MilvusBackend(str(tmp_path / "w.db"), "wide", bundle.item_embeddings.shape[1])
+        with pytest.raises(KarmaError, match="holds 8-d vectors"):
+            clash.ensure(np.asarray(bundle.item_embeddings))
+    finally:
+        other.close()
