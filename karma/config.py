@@ -420,6 +420,9 @@ class ServeConfig(StrictModel):
     milvus_collection_prefix: str = Field(
         "karma_", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Milvus: collection = prefix + model_version."
     )
+    milvus_timeout_s: float = Field(
+        5.0, gt=0, description="Milvus: seconds one call may take before the request gets 503 index_unavailable."
+    )
     milvus_index: Literal["FLAT", "IVF_FLAT", "HNSW", "AUTOINDEX"] = Field(
         "FLAT", description="Milvus vector index (FLAT = exact inner product, the same ranking as FAISS flat)."
     )

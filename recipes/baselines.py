@@ -39,7 +39,9 @@ def run_baselines_command(
         raise KarmaError(f"--which: unknown baseline(s) {unknown or [which]}; known: {', '.join(BASELINES)}")
     if split not in ("valid", "test"):
         raise KarmaError(f"--split must be 'valid' or 'test', got {split!r}")
-    sas = SASRecConfig(**{name.removeprefix("sasrec_"): value for name, value in sasrec_flags.items()})
+    sas = SASRecConfig(
+        **{name.removeprefix("sasrec_"): getattr(value, "value", value) for name, value in sasrec_flags.items()}
+    )  # a choice flag (e.g. --loss) arrives as an Enum member
     cfg = load_config(config, overrides=set_ or [])
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

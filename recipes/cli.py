@@ -8,12 +8,14 @@ the commands so `karma --help` stays instant.
 
 from __future__ import annotations
 
+import enum
 import inspect
 import json
 import logging
 import os
 import shlex
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -362,12 +364,17 @@ def _baselines_signature() -> inspect.Signature:
             annotation=Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON here.")],
         ),
     ]
+    hints = typing.get_type_hints(SASRecConfig)
     for f in fields(SASRecConfig):
-        kind = {"int | None": int, "float | None": float}.get(str(f.type)) or {"int": int, "float": float}.get(
-            str(f.type), str
+        hint = hints[f.name]
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
+        kinds = [k for k in (typing.get_args(hint) or (hint,)) if k is not type(None)]
+        kind = enum.Enum(f.name, {c: c for c in choices}) if choices else kinds[0]  # typer shows an Enum as choices
+        option = typer.Option(f"--{f.name.replace('_', '-')}", help=f"SASRec {f.name}.")
+        default = kind(f.default) if choices else f.default
+        params.append(
+            inspect.Parameter(f"sasrec_{f.name}", kw, default=default, annotation=Annotated[kind | None, option])
         )
-        annotation = Annotated[kind | None, typer.Option(f"--{f.name.replace('_', '-')}", help=f"SASRec {f.name}.")]
-        params.append(inspect.Parameter(f"sasrec_{f.name}", kw, default=f.default, annotation=annotation))
     return inspect.Signature(params)
 
 

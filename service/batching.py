@@ -72,6 +72,23 @@ class MicroBatcher:
         self._accepting = True
         self._task = asyncio.get_running_loop().create_task(self._run(), name="karma-batcher")
 
+    def enqueue_many(self, engine: Engine, jobs: list[Job]) -> list[asyncio.Future[JobResult]]:
+        """Queue all of `jobs` or none (QueueFull when the queue has no room for every one), in one step of the
+        event loop: a many-input request is never half-queued. Await the returned futures."""
+        if not self._accepting:
+            raise BatcherStopped("the service is shutting down")
+        if self.room < len(jobs):
+            raise QueueFull(f"encoder queue has room for {self.room} of this request's {len(jobs)} inputs")
+        loop = asyncio.get_running_loop()
+        now = time.perf_counter()
+        futures: list[asyncio.Future[JobResult]] = []
+        for job in jobs:
+            future: asyncio.Future[JobResult] = loop.create_future()
+            job.enqueued = now
+            self.queue.put_nowait((engine, job, future))
+            futures.append(future)
+        return futures
+
     async def submit(self, engine: Engine, job: Job) -> JobResult:
         """Queue `job` for `engine` and wait for its result (QueueFull / BatcherStopped if it cannot)."""
         if not self._accepting:

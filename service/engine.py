@@ -291,7 +291,9 @@ class Engine:
             scores, rows = self.index.search(h[members], k_search)
             for at, i in enumerate(members):
                 job = jobs[i]
-                keep = rows[at] >= 0  # FAISS pads with -1 when it finds fewer than asked
+                # FAISS pads with -1 when it finds fewer than asked; a shared index (Milvus) may hold rows this
+                # bundle has no id for (items added after it): neither is an answer
+                keep = (rows[at] >= 0) & (rows[at] < self.n_items)
                 if len(job.exclude):
                     keep &= ~np.isin(rows[at], job.exclude)
                 kept = np.flatnonzero(keep)[: job.k]

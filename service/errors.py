@@ -20,6 +20,7 @@
 | 503 | `not_ready` | starting up or draining; `/admin/reload` stopped by shutdown |
 | 503 | `shutting_down` | a request (e.g. a stalled upload) still unanswered when the graceful-shutdown timeout ends |
 | 503 | `redis_unavailable` | the request needs Redis and Redis is down (with `Retry-After`) |
+| 503 | `index_unavailable` | `serve.index_backend=milvus` and Milvus did not answer in `serve.milvus_timeout_s` |
 | 400 | `bad_http_request` | bytes the HTTP parser refuses (answered by uvicorn; counted, no body type) |
 | 500 | `internal_error` | a bug: logged with its traceback; never caused by client input |
 
@@ -82,6 +83,7 @@ class ErrorType(StrEnum):
     NOT_READY = "not_ready"
     SHUTTING_DOWN = "shutting_down"
     REDIS_UNAVAILABLE = "redis_unavailable"
+    INDEX_UNAVAILABLE = "index_unavailable"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -104,6 +106,7 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.NOT_READY: 503,
     ErrorType.SHUTTING_DOWN: 503,
     ErrorType.REDIS_UNAVAILABLE: 503,
+    ErrorType.INDEX_UNAVAILABLE: 503,
     ErrorType.INTERNAL_ERROR: 500,
 }
 
@@ -136,6 +139,7 @@ def domain_error(exc: Exception, retry_after_s: int) -> ServiceError:
     """The one table from the engine's and stores' exceptions to HTTP errors (callers `raise ... from None`)."""
     from service.batching import BatcherStopped, QueueFull
     from service.history import RedisUnavailable
+    from service.index import IndexUnavailable
 
     if isinstance(exc, QueueFull):
         return ServiceError(ErrorType.QUEUE_FULL, f"{exc}; retry later", headers=retry_after(retry_after_s))
@@ -147,6 +151,8 @@ def domain_error(exc: Exception, retry_after_s: int) -> ServiceError:
             f"user history store (Redis) is unavailable: {exc}; requests that carry 'history' still work",
             headers=retry_after(retry_after_s),
         )
+    if isinstance(exc, IndexUnavailable):
+        return ServiceError(ErrorType.INDEX_UNAVAILABLE, str(exc), headers=retry_after(retry_after_s))
     raise TypeError(f"no HTTP mapping for {type(exc).__name__}") from exc
 
 

@@ -26,7 +26,12 @@ from karma.search import search_top_k
 
 log = logging.getLogger("karma.service")
 
-MILVUS_BATCH = 2000  # vectors per insert call
+MILVUS_BATCH = 2000  # vectors per upsert call
+MILVUS_MAX_LIMIT = 16_384  # Milvus refuses a search limit (top-k) above this
+
+
+class IndexUnavailable(KarmaError):
+    """The index backend did not answer (Milvus down, timed out, refused): the request gets a 503."""
 
 
 class IndexBackend(Protocol):
@@ -74,7 +79,15 @@ class MilvusBackend:
     name = "milvus"
     shared = True
 
-    def __init__(self, uri: str, collection: str, dim: int, index_type: str = "FLAT", token: str | None = None):
+    def __init__(
+        self,
+        uri: str,
+        collection: str,
+        dim: int,
+        index_type: str = "FLAT",
+        token: str | None = None,
+        timeout_s: float = 5.0,
+    ):
         try:
             from pymilvus import MilvusClient
         except ImportError as exc:
@@ -85,56 +98,64 @@ class MilvusBackend:
         self.collection = collection
         self.dim = dim
         self.index_type = index_type
+        self.timeout_s = timeout_s  # every call: a hung Milvus must not wedge the encoder thread
         try:
-            self.client = MilvusClient(uri, token=token or "")
+            self.client = MilvusClient(uri, token=token or "", timeout=timeout_s)
         except Exception as exc:  # pymilvus raises its own MilvusException, or OSError for a bad path
             raise KarmaError(f"Milvus at {uri}: cannot connect: {exc}") from None
 
     def ensure(self, embeddings: np.ndarray) -> bool:
-        """Create and fill the collection from the bundle's embeddings when it does not exist yet; load it.
-        Returns True when it was (re)built. An existing collection is kept as is (with its upserts)."""
+        """Create the collection from the bundle's embeddings when it does not exist, top it up when it holds
+        fewer rows than the bundle (a fill that stopped midway), then load it. Returns True when it wrote the
+        bundle's vectors. Filling upserts (never inserts), so replicas that start together cannot duplicate rows;
+        a collection that is complete is kept as is, with the vectors upserted into it since."""
         from pymilvus import DataType
 
         client = self.client
+        wrote = False
         if client.has_collection(self.collection):
-            dim = next(
-                (
-                    f["params"].get("dim")
-                    for f in client.describe_collection(self.collection)["fields"]
-                    if f["name"] == "vector"
-                ),
-                None,
-            )
+            fields = client.describe_collection(self.collection)["fields"]
+            dim = next((f["params"].get("dim") for f in fields if f["name"] == "vector"), None)
             if dim is not None and int(dim) != self.dim:
                 raise KarmaError(f"Milvus collection {self.collection} holds {dim}-d vectors, the bundle {self.dim}-d")
             client.load_collection(self.collection)
-            return False
-        started = time.perf_counter()
-        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("row", DataType.INT64, is_primary=True)
-        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-        params = client.prepare_index_params()
-        params.add_index(field_name="vector", index_type=self.index_type, metric_type="IP")
-        client.create_collection(self.collection, schema=schema, index_params=params)
-        self.upsert(range(len(embeddings)), embeddings, insert=True)
-        client.flush(self.collection)  # seal the segments so searches do not scan a growing one
-        client.load_collection(self.collection)
-        log.info(
-            "Milvus collection %s: %d vectors inserted in %.1f s", self.collection, len(embeddings),
-            time.perf_counter() - started,
-        )  # fmt: skip
-        return True
+            if self.count() < len(embeddings):
+                log.warning("Milvus collection %s is short of the bundle's %d items: topping it up", self.collection,
+                            len(embeddings))  # fmt: skip
+                wrote = True
+        else:
+            schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("row", DataType.INT64, is_primary=True)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+            params = client.prepare_index_params()
+            params.add_index(field_name="vector", index_type=self.index_type, metric_type="IP")
+            client.create_collection(self.collection, schema=schema, index_params=params)
+            wrote = True
+        if wrote:
+            started = time.perf_counter()
+            self.upsert(range(len(embeddings)), embeddings)
+            client.flush(self.collection)  # seal the segments so searches do not scan a growing one
+            client.load_collection(self.collection)
+            log.info(
+                "Milvus collection %s: %d vectors written in %.1f s", self.collection, len(embeddings),
+                time.perf_counter() - started,
+            )  # fmt: skip
+        return wrote
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        hits = self.client.search(
-            self.collection,
-            data=queries.tolist(),
-            limit=k,
-            anns_field="vector",
-            search_params={"metric_type": "IP"},
-            output_fields=["row"],
-        )
+        try:
+            hits = self.client.search(
+                self.collection,
+                data=queries.tolist(),
+                limit=min(k, MILVUS_MAX_LIMIT),
+                anns_field="vector",
+                search_params={"metric_type": "IP"},
+                output_fields=["row"],
+                timeout=self.timeout_s,
+            )
+        except Exception as exc:  # MilvusException, gRPC errors, timeouts: the index is unavailable
+            raise IndexUnavailable(f"Milvus at {self._where()}: search failed: {exc}") from None
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
         for i, found in enumerate(hits):
@@ -143,32 +164,36 @@ class MilvusBackend:
                 scores[i, j] = float(hit["distance"])
         return scores, rows
 
-    def upsert(self, rows: Sequence[int], vectors: np.ndarray, insert: bool = False) -> None:
+    def upsert(self, rows: Sequence[int], vectors: np.ndarray) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         rows = list(rows)
-        write = self.client.insert if insert else self.client.upsert
         for start in range(0, len(rows), MILVUS_BATCH):
             chunk = [
                 {"row": int(row), "vector": vectors[i].tolist()}
                 for i, row in enumerate(rows[start : start + MILVUS_BATCH], start)
             ]
-            write(self.collection, chunk)
+            self.client.upsert(self.collection, chunk, timeout=max(self.timeout_s, 60.0))
 
     def delete(self, rows: Sequence[int]) -> None:
-        self.client.delete(self.collection, ids=[int(r) for r in rows])
+        self.client.delete(self.collection, ids=[int(r) for r in rows], timeout=self.timeout_s)
 
     def count(self) -> int:
-        result = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        try:
+            result = self.client.query(self.collection, filter="", output_fields=["count(*)"], timeout=self.timeout_s)
+        except Exception as exc:
+            raise IndexUnavailable(f"Milvus at {self._where()}: count failed: {exc}") from None
         return int(result[0]["count(*)"])
 
+    def _where(self) -> str:
+        return self.uri if "://" not in self.uri else self.uri.split("@")[-1]  # no credentials
+
     def describe(self) -> dict[str, Any]:
-        uri = self.uri if "://" not in self.uri else self.uri.split("@")[-1]  # no credentials
+        """What /info shows; no network call (the item count is /readyz's check)."""
         return {
             "backend": self.name,
             "type": self.index_type.lower(),
-            "uri": uri,
+            "uri": self._where(),
             "collection": self.collection,
-            "items": self.count(),
             "shared": self.shared,
         }
 

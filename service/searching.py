@@ -21,8 +21,9 @@ from starlette.responses import Response
 
 from service.batching import BatcherStopped, MicroBatcher, QueueFull
 from service.engine import Engine, JobResult
-from service.errors import ErrorType, ServiceError, domain_error, retry_after
+from service.errors import ErrorType, ServiceError, domain_error
 from service.history import RedisUnavailable
+from service.index import IndexUnavailable
 from service.responses import json_response
 from service.schemas import BatchSearchRequest, EmbedRequest, OpenAIEmbeddingsRequest, SearchRequest
 from service.state import ServiceState
@@ -61,6 +62,7 @@ async def prepare(
     k: int,
     exclude_history: bool,
     query_field: str = "query",
+    reader: Any = None,
 ) -> Prepared:
     """The Job for one input (k = 0: embed only). Raises the input's ServiceError (422/503)."""
     config = svc.config
@@ -80,7 +82,7 @@ async def prepare(
         ids: list[str] = history
     elif user_id is not None:
         try:
-            ids = await svc.history.read_item_ids(user_id, engine.max_history)
+            ids = await (reader or svc.history.read_item_ids)(user_id, engine.max_history)
         except RedisUnavailable as exc:
             if not query:
                 raise redis_down(svc, exc) from None
@@ -117,9 +119,31 @@ async def prepare(
     return Prepared(job, len(rows) - truncated, truncated, unknown, degraded, started, history_s, resolve_s)
 
 
+REDIS_READS_PER_REQUEST = 8  # a many-input request reads Redis at most this many keys at once
+
+
 async def prepare_many(svc: ServiceState, engine: Engine, inputs: list[tuple[str, Any]]) -> list[Prepared]:
-    """`prepare` for (name, coroutine-args) inputs at once (Redis reads overlap); the first failure, named."""
-    outcomes = await asyncio.gather(*(prepare(svc, engine, *args) for _, args in inputs), return_exceptions=True)
+    """`prepare` for (name, args) inputs at once; the first failure, named. Each user's history is read once per
+    request (inputs of one user share it), at most REDIS_READS_PER_REQUEST reads in flight."""
+    reads: dict[str, asyncio.Future[list[str]]] = {}
+    gate = asyncio.Semaphore(REDIS_READS_PER_REQUEST)
+
+    async def read_once(user_id: str, n: int) -> list[str]:
+        if user_id not in reads:
+
+            async def read() -> list[str]:
+                async with gate:
+                    return await svc.history.read_item_ids(user_id, n)
+
+            reads[user_id] = asyncio.ensure_future(read())
+        return await asyncio.shield(reads[user_id])
+
+    outcomes = await asyncio.gather(
+        *(prepare(svc, engine, *args, reader=read_once) for _, args in inputs), return_exceptions=True
+    )
+    for future in reads.values():
+        if future.done() and not future.cancelled():
+            future.exception()  # retrieved: no "exception never retrieved" warning
     for (where, _), outcome in zip(inputs, outcomes, strict=True):
         if isinstance(outcome, ServiceError):
             raise _named(outcome, where) if where else outcome
@@ -129,28 +153,31 @@ async def prepare_many(svc: ServiceState, engine: Engine, inputs: list[tuple[str
 
 
 async def submit(svc: ServiceState, batcher: MicroBatcher, engine: Engine, prepared: list[Prepared]) -> list[JobResult]:
-    """Queue every job at once and wait for all (429 when the queue has no room, 503 when draining)."""
-    if len(prepared) > 1 and batcher.room < len(prepared):
+    """Queue every job at once, or none, and wait for all (429 when the queue has no room for all of them now,
+    422 when it never could, 503 when draining; a failing index answers 503 for the batch)."""
+    if len(prepared) > batcher.queue.maxsize:
         raise ServiceError(
-            ErrorType.QUEUE_FULL,
-            f"encoder queue has room for {batcher.room} of this request's {len(prepared)} inputs; retry later",
-            headers=retry_after(svc.config.retry_after_s),
+            ErrorType.VALIDATION_ERROR,
+            f"inputs: {len(prepared)} inputs can never fit the encoder queue (serve.queue_size="
+            f"{batcher.queue.maxsize}); send at most that many per request",
+            "inputs",
         )
-    futures = [asyncio.ensure_future(batcher.submit(engine, p.job)) for p in prepared]
     try:
-        results = list(await asyncio.gather(*futures))
-        if svc.tracing is not None:
-            for p, result in zip(prepared, results, strict=True):
-                svc.tracing.stage_spans(p, result)
-        return results
+        futures = batcher.enqueue_many(engine, [p.job for p in prepared])
     except (QueueFull, BatcherStopped) as exc:
         raise domain_error(exc, svc.config.retry_after_s) from None
+    try:
+        results = list(await asyncio.gather(*futures))
+    except (BatcherStopped, IndexUnavailable) as exc:
+        raise domain_error(exc, svc.config.retry_after_s) from None
     finally:
-        for future in futures:  # a sibling that failed to queue: do not leave the others' results unread
+        for future in futures:  # the client left or a sibling failed: the batcher skips what is done
             if not future.done():
                 future.cancel()
-            elif not future.cancelled():
-                future.exception()
+    if svc.tracing is not None:
+        for p, result in zip(prepared, results, strict=True):
+            svc.tracing.stage_spans(p, result)
+    return results
 
 
 def stage_seconds(prepared: Prepared, result: JobResult, started: float) -> dict[str, float]:

@@ -51,6 +51,7 @@ def milvus_backend(config: ServeConfig) -> Callable[[Engine], MilvusBackend]:
             engine.embed_dim,
             config.milvus_index,
             config.milvus_token,
+            config.milvus_timeout_s,
         )
         backend.ensure(engine.item_vectors(list(range(engine.n_items))))
         return backend

@@ -83,7 +83,7 @@ def test_batch_search_fails_whole_naming_the_input(
     assert "Traceback" not in response.text
 
 
-def test_batch_larger_than_the_queue_room_is_refused_before_queueing(bundle_dir: Path, prefix: str) -> None:
+def test_a_batch_the_queue_can_never_hold_is_a_422_and_one_that_fits_runs(bundle_dir: Path, prefix: str) -> None:
     async def go() -> tuple[Any, Any]:
         async with serving(bundle_dir, prefix, queue_size=2, max_batch_inputs=8) as (_, client):
             refused = await client.post("/search/batch", json={"inputs": [{"query": "a"}] * 3})
@@ -91,9 +91,34 @@ def test_batch_larger_than_the_queue_room_is_refused_before_queueing(bundle_dir:
             return refused, fits
 
     refused, fits = run(go())
-    assert refused.status_code == 429 and refused.json()["type"] == "queue_full"
-    assert refused.headers["Retry-After"] == "1"
+    assert refused.status_code == 422 and (refused.json()["type"], refused.json()["field"]) == (
+        "validation_error",
+        "inputs",
+    )
+    assert "serve.queue_size=2" in refused.json()["error"]  # no Retry-After: retrying cannot help
+    assert "Retry-After" not in refused.headers
     assert fits.status_code == 200
+
+
+def test_many_jobs_are_queued_all_or_none_in_one_step() -> None:
+    """enqueue_many checks the room and queues in one event-loop step: a batch is never half-queued."""
+    import numpy as np
+
+    from service.batching import MicroBatcher, QueueFull
+    from service.engine import Job
+
+    async def go() -> tuple[int, int]:
+        batcher = MicroBatcher(max_batch=4, max_wait_s=0.0, queue_size=3)
+        batcher._accepting = True  # no worker: the queue only fills
+        job = lambda: Job("q", np.zeros(0, dtype=np.int64), 1, np.zeros(0, dtype=np.int64))  # noqa: E731
+        batcher.enqueue_many(None, [job(), job()])  # type: ignore[arg-type]  # an engine is never used here
+        with pytest.raises(QueueFull, match="room for 1 of this request's 2 inputs"):
+            batcher.enqueue_many(None, [job(), job()])  # type: ignore[arg-type]
+        depth = batcher.depth
+        batcher.enqueue_many(None, [job()])  # type: ignore[arg-type]
+        return depth, batcher.depth
+
+    assert run(go()) == (2, 3)
 
 
 def test_embed_returns_the_onnx_h_t_and_the_index_item_vectors(bundle_dir: Path, reference: dict, prefix: str) -> None:

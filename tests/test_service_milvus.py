@@ -59,16 +59,20 @@ def test_milvus_flat_ranks_exactly_like_faiss_flat_and_takes_upserts_and_deletes
         milvus.close()
 
 
-async def _answers(config: ServeConfig, bodies: list[dict]) -> tuple[list[dict], dict]:
+async def _answers(config: ServeConfig, bodies: list[dict]) -> tuple[list[dict], dict, dict]:
     app = create_app(config)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://karma") as client:
-            answers = [(await client.post("/search", json=body)).json() for body in bodies]
+            answers = []
+            for body in bodies:
+                response = await client.post("/search", json=body)
+                assert response.status_code == 200, response.text
+                answers.append(response.json())
             info = (await client.get("/info")).json()
             ready = await client.get("/readyz")
             assert ready.status_code == 200, ready.text
-            return answers, info
+            return answers, info, ready.json()
 
 
 def test_the_service_on_milvus_answers_like_the_service_on_faiss_and_restarts_on_its_collection(
@@ -82,27 +86,44 @@ def test_the_service_on_milvus_answers_like_the_service_on_faiss_and_restarts_on
     ]
     base = {"bundle": tiny_export[1], "redis_url": "redis://127.0.0.1:1/0", "redis_timeout_s": 0.2, "access_log": False}
     uri = str(tmp_path / "service.db")
-    faiss_answers, faiss_info = asyncio.run(_answers(ServeConfig(**base), bodies))
+    faiss_answers, faiss_info, _ = asyncio.run(_answers(ServeConfig(**base), bodies))
     milvus_config = ServeConfig(**base, index_backend="milvus", milvus_uri=uri)
-    milvus_answers, info = asyncio.run(_answers(milvus_config, bodies))
+    milvus_answers, info, ready = asyncio.run(_answers(milvus_config, bodies))
     for f, m in zip(faiss_answers, milvus_answers, strict=True):
         assert [i["item_id"] for i in m["items"]] == [i["item_id"] for i in f["items"]]
         np.testing.assert_allclose([i["score"] for i in m["items"]], [i["score"] for i in f["items"]], atol=1e-5)
     assert _find(faiss_info, "index_backend")["backend"] == "faiss"
     described = _find(info, "index_backend")
-    assert described["backend"] == "milvus" and described["shared"] and described["items"] == len(items)
+    assert described["backend"] == "milvus" and described["shared"]
     name = collection_name("karma_", bundle.manifest.model_version)
     assert described["collection"] == name
+    assert ready["checks"]["index"] == {"ok": True, "backend": "milvus", "n_items": len(items)}
 
-    # a vector upserted into the shared collection is there for the next service that starts on it
+    # Vectors upserted into the shared collection survive a restart. Rows past the bundle's last (items added
+    # later, which this bundle has no id for) are never answered, even when they score best.
     store = MilvusBackend(uri, name, bundle.item_embeddings.shape[1])
+    top = [items.index(i["item_id"]) for i in milvus_answers[2]["items"][:5]]
     try:
-        store.upsert([len(items)], unit(np.ones((1, bundle.item_embeddings.shape[1]))))
-        assert store.ensure(np.asarray(bundle.item_embeddings)) is False  # kept, not rebuilt
+        store.upsert(range(len(items), len(items) + 5), np.asarray(bundle.item_embeddings)[top])
+        assert store.ensure(np.asarray(bundle.item_embeddings)) is False  # complete: kept, not rebuilt
     finally:
         store.close()
-    _, again = asyncio.run(_answers(milvus_config, bodies[:1]))
-    assert _find(again, "index_backend")["items"] == len(items) + 1
+    again, _, ready_again = asyncio.run(_answers(milvus_config, bodies))
+    assert ready_again["checks"]["index"]["n_items"] == len(items) + 5
+    for before, after in zip(milvus_answers, again, strict=True):
+        assert {i["item_id"] for i in after["items"]} <= set(items)
+        assert [i["item_id"] for i in after["items"]] == [i["item_id"] for i in before["items"]][: len(after["items"])]
+
+
+def test_a_collection_short_of_the_bundle_is_topped_up_not_kept(bundle: Any, tmp_path: Path) -> None:
+    embeddings = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
+    store = MilvusBackend(str(tmp_path / "short.db"), "short", embeddings.shape[1])
+    try:
+        assert store.ensure(embeddings[:100]) is True and store.count() == 100  # a fill that stopped early
+        assert store.ensure(embeddings) is True and store.count() == len(embeddings)
+        assert store.ensure(embeddings) is False and store.count() == len(embeddings)  # upserts: no duplicates
+    finally:
+        store.close()
 
 
 def _find(tree: Any, key: str) -> Any:
