@@ -53,10 +53,13 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.harness import THREAD_ENV  # noqa: E402
 from bench.loadgen import Connection  # noqa: E402
 from karma.bundle import MANIFEST_FILE, load_bundle  # noqa: E402
-from karma.machine import cpu_model, usable_cores  # noqa: E402
+from karma.machine import (  # noqa: E402
+    THREAD_ENV,
+    cpu_model,
+    usable_cores,
+)
 from service.launcher import LocalRedis, delete_prefix, free_port, long_history_copy, wait_ready  # noqa: E402
 from service.loadguard import _PAGE  # noqa: E402
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.harness import KARMA, REPO, THREAD_ENV, TINY, build_bundle, karma_serve, log_steps_to_stderr
+from bench.harness import KARMA, REPO, TINY, build_bundle, karma_serve, log_steps_to_stderr
+from karma.machine import THREAD_ENV
 
 
 @dataclass

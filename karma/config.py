@@ -758,19 +758,22 @@ TINY_PROFILE = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 def profile_overrides(path: Path = TINY_PROFILE) -> list[str]:
     """A config file as `KEY=VALUE` overrides (`data.synthetic.n_items=1000`, …), so a profile can be layered
     under other overrides in `--set` lists and study files: one file, every caller."""
-    out: list[str] = []
-
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, Mapping):
-                walk(value, f"{prefix}{key}.")
-            else:
-                text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-                out.append(f"{prefix}{key}={text}")
-
-    walk(_read_file(Path(path)), "")
+    out = [
+        f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+        for key, value in dotted_items(_read_file(Path(path)))
+    ]
     load_config(None, out, environ={})  # a broken profile fails here, naming the key
     return out
+
+
+def dotted_items(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested mapping's leaves as (`section.key`, value), in order: {"data": {"name": "x"}} -> [("data.name", "x")]
+    (config profiles as `--set` items, MLflow params)."""
+    items: list[tuple[str, Any]] = []
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        items.extend(dotted_items(value, dotted) if isinstance(value, Mapping) else [(dotted, value)])
+    return items
 
 
 def config_to_yaml(config: KarmaConfig) -> str:

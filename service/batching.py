@@ -8,7 +8,7 @@ loop never blocks and the encoder never runs two batches at once. While a batch 
 queue up and form the next one: at low load a lone request is dispatched at once (no added wait);
 under load batches grow by themselves (continuous batching, as in TEI/vLLM routers).
 
-Each job is submitted with the engine it must run on (the one the request resolved its item ids
+Each job is queued (`enqueue_many`) with the engine it must run on (the one the request resolved its item ids
 with). A hot reload swaps which engine new requests get; jobs already queued still run on the old
 one, so a batch that straddles a swap is split into one run per engine.
 """
@@ -88,18 +88,6 @@ class MicroBatcher:
             self.queue.put_nowait((engine, job, future))
             futures.append(future)
         return futures
-
-    async def submit(self, engine: Engine, job: Job) -> JobResult:
-        """Queue `job` for `engine` and wait for its result (QueueFull / BatcherStopped if it cannot)."""
-        if not self._accepting:
-            raise BatcherStopped("the service is shutting down")
-        future: asyncio.Future[JobResult] = asyncio.get_running_loop().create_future()
-        job.enqueued = time.perf_counter()
-        try:
-            self.queue.put_nowait((engine, job, future))
-        except asyncio.QueueFull:
-            raise QueueFull(f"encoder queue full ({self.queue.maxsize} waiting)") from None
-        return await future
 
     async def run_in_worker(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the encoder thread (serialised with the batches), e.g. the readiness probe."""

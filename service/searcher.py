@@ -82,7 +82,7 @@ class Searcher:
 
     def item_vectors(self, item_ids: Sequence[str]) -> np.ndarray:
         """The bundle's item embeddings for `item_ids` (float32, len x embed_dim), as the index holds them."""
-        missing = [item for item in item_ids if item not in self.engine.row_of]
+        rows, missing = self.engine.resolve([str(item) for item in item_ids])
         if missing:
             raise KarmaError(f"{len(missing)} item(s) not in this bundle's catalog, first: {missing[0]!r}")
-        return self.engine.item_vectors([self.engine.row_of[item] for item in item_ids])
+        return self.engine.item_vectors(rows)

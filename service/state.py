@@ -53,7 +53,7 @@ def milvus_backend(config: ServeConfig) -> Callable[[Engine], MilvusBackend]:
             config.milvus_token,
             config.milvus_timeout_s,
         )
-        backend.ensure(engine.item_vectors(list(range(engine.n_items))))
+        backend.ensure(engine.bundle.item_embeddings)  # the bundle's own array: no copy of every vector
         return backend
 
     return build

@@ -33,7 +33,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
-from karma.config import SECRET_KEYS, KarmaConfig
+from karma.config import SECRET_KEYS, KarmaConfig, dotted_items
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,8 @@ def flat_params(config: KarmaConfig) -> dict[str, str]:
     tree = config.model_dump(mode="json")
     for section, key in SECRET_KEYS:
         tree.get(section, {}).pop(key, None)
-    flat: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else key)
-        else:
-            flat[prefix] = node if isinstance(node, str) else json.dumps(node)
-
-    walk({k: v for k, v in tree.items() if k in PARAM_SECTIONS}, "")
-    return flat
+    kept = {k: v for k, v in tree.items() if k in PARAM_SECTIONS}
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in dotted_items(kept)}
 
 
 class Sink(Protocol):
