@@ -179,6 +179,7 @@ def export_checkpoint(
     optimize: bool = False,
     quantize: str | None = None,
     int8_keep_fp32: Sequence[str] | None = None,
+    text_encoder: bool = True,
 ) -> ExportResult:
     """Export `checkpoint` into the bundle folder `out_dir` (see the module docstring).
 
@@ -187,12 +188,14 @@ def export_checkpoint(
     diff for `optimize` alone, min cosine >= `export.optimize.INT8_MIN_COSINE` for int8) and a
     variant that fails it is refused like an fp32 graph that fails. `int8_keep_fp32`: MatMul name
     patterns int8 leaves in fp32 (default `export.optimize.INT8_KEEP_FP32`; `()` quantises all).
+    `text_encoder`: ship the item text encoder (`export.text_encoder`), so the service can add items live.
     """
     from export.cost import served_cost
     from export.index import build_index, default_params, write_index
     from export.onnx_export import build_served_towers, export_encoders, graph_structure
     from export.optimize import INT8_KEEP_FP32, parity_criterion, variant_of
     from export.parity import check_parity
+    from export.text_encoder import TEXT_PARITY_ITEMS, check_text_encoder, write_text_encoder
     from training.setup import build_setup
 
     started = time.perf_counter()
@@ -235,6 +238,13 @@ def export_checkpoint(
             q_spec = q_spec.model_copy(update=graph_structure(staging / QUERY_ENCODER_FILE))
             i_spec = i_spec.model_copy(update=graph_structure(staging / ITEM_ENCODER_FILE))
         setup.backbone.tokenizer.save(staging)
+        text_block = features.layout.blocks[0]  # the text block comes first (training.features.build)
+        text_info = write_text_encoder(staging, config, text_block.name, text_block.dim, ship=text_encoder)
+        if text_info is not None:
+            n = min(TEXT_PARITY_ITEMS, catalog.n_items)
+            reference = features.block(text_block.name)[:n]
+            text_parity = check_text_encoder(staging, text_info, catalog.item_text()[:n], reference)
+            text_info = text_info.model_copy(update={"parity": text_parity})
         items = catalog.items[["item_id", *catalog.text_fields]].copy()
         items["item_id"] = items["item_id"].astype(str)
         items.to_parquet(staging / ITEMS_FILE, index=False)
@@ -318,6 +328,7 @@ def export_checkpoint(
             cost=served_cost(
                 towers, features.matrix, tok.vocab_size, config.model.max_query_tokens, config.data.max_history
             ),
+            text_encoder=text_info,
         )
         write_manifest(staging, manifest)
         manifest = load_bundle(staging).manifest  # never publish a bundle the loader would refuse

@@ -152,6 +152,18 @@ class TrainingInfo(_Strict):
     metrics: dict[str, Any] | None = None
 
 
+class TextEncoderInfo(_Strict):
+    """What computes the text block of a new item's features (`POST /items`), shipped with the bundle."""
+
+    block: str = Field(description="The feature block it fills, e.g. text:minilm-l6-v2.")
+    kind: Literal["hashing", "onnx"] = Field(description="hashing: karma.text_features; onnx: text_encoder.onnx.")
+    dim: int = Field(description="Width of the block.")
+    version: str = Field(description="The training encoder's version string (package, truncation, pooling).")
+    max_tokens: int | None = Field(None, description="Tokens a text is truncated to (onnx).")
+    files: list[str] = Field(default_factory=list, description="Bundle files it needs.")
+    parity: dict[str, Any] | None = Field(None, description="Export's check against training's text block.")
+
+
 class Manifest(_Strict):
     schema_version: int
     model_version: str = Field(
@@ -175,6 +187,9 @@ class Manifest(_Strict):
     parity: dict[str, Any] | None = None
     cost: dict[str, Any] | None = Field(
         None, description="FLOPs of one reference request (export.cost): query_flops, item_flops_per_item."
+    )
+    text_encoder: TextEncoderInfo | None = Field(
+        None, description="The item text encoder shipped for live item upserts; None: the catalog is fixed."
     )
 
     @property
@@ -317,6 +332,20 @@ def open_session(
         raise KarmaError(f"{path}: ONNX Runtime cannot load it: {detail}") from None
 
 
+def open_text_encoder(directory: Path, info: TextEncoderInfo, intra_op_threads: int = 1) -> Any:
+    """The shipped item text encoder (`encode(texts) -> (N, dim)`), as the service runs it for new items."""
+    from karma.text_features import TEXT_ENCODER_FILE, HashingTextEncoder, OnnxTextEncoder
+
+    if info.kind == "hashing":
+        encoder: Any = HashingTextEncoder(info.dim)
+    else:
+        session = open_session(Path(directory) / TEXT_ENCODER_FILE, None, intra_op_threads, 1)
+        encoder = OnnxTextEncoder(directory, session, info.block, info.dim, info.max_tokens or 64)
+    if encoder.name != info.block:
+        raise KarmaError(f"bundle {directory}: text_encoder says block {info.block!r}, the encoder is {encoder.name!r}")
+    return encoder
+
+
 def _spec_of(arg: Any) -> TensorSpec:
     shape = [d if isinstance(d, int) else str(d) for d in arg.shape]
     return TensorSpec(name=arg.name, dtype=_ORT_DTYPES.get(arg.type, arg.type), shape=shape)
@@ -390,6 +419,8 @@ def read_manifest(directory: Path) -> Manifest:
 def _check_files(directory: Path, manifest: Manifest, verify_checksums: bool, where: str) -> None:
     required = {QUERY_ENCODER_FILE, ITEM_ENCODER_FILE, ITEMS_FILE, ITEM_FEATURES_FILE, ITEM_EMBEDDINGS_FILE}
     required |= {manifest.index.file, *manifest.tokenizer.files}
+    if manifest.text_encoder is not None:
+        required |= set(manifest.text_encoder.files)
     if manifest.layout.id_buckets > 0:
         required.add(ITEM_ID_BUCKETS_FILE)
     unlisted = sorted(required - set(manifest.files))
@@ -528,6 +559,13 @@ def load_bundle(
 
     for graph in (manifest.onnx.query_encoder, manifest.onnx.item_encoder):
         _check_graph_spec(graph, manifest, where)
+    if manifest.text_encoder is not None:
+        text = manifest.text_encoder
+        blocks = {b.name: b.dim for b in layout.blocks}
+        if blocks.get(text.block) != text.dim:
+            raise KarmaError(
+                f"{where}: text_encoder fills block {text.block!r} ({text.dim}-d), the feature layout has {blocks}"
+            )
     if check_graphs:
         for graph in (manifest.onnx.query_encoder, manifest.onnx.item_encoder):
             check_session_io(open_session(directory / graph.file, None, 1, 1, optimize=False), graph, where)

@@ -522,6 +522,12 @@ class ServeConfig(StrictModel):
         le=1024,
         description="Most inputs in one /search/batch, /embed or /v1/embeddings request (each is one encoder row).",
     )
+    max_upsert_items: int = Field(
+        256,
+        ge=1,
+        le=1000,
+        description="Most items in one POST /items (each runs the text and item encoders on the encode thread).",
+    )
     tracing: bool = Field(
         False,
         description=(

@@ -260,6 +260,14 @@ def export_bundle(
             "Default: mlp/down_proj (LLM activation outliers). 'none' quantises every weight MatMul.",
         ),
     ] = None,
+    text_encoder: Annotated[
+        bool,
+        typer.Option(
+            "--text-encoder/--no-text-encoder",
+            help="Ship the item text encoder (MiniLM as ONNX, ~90 MB; nothing for hashing) so POST /items can add "
+            "items live. --no-text-encoder: a fixed catalog.",
+        ),
+    ] = True,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing bundle folder.")] = False,
     set_: SetOpt = None,
 ) -> None:
@@ -281,6 +289,7 @@ def export_bundle(
         optimize=optimize,
         quantize=quantize,
         int8_keep_fp32=None if not int8_keep_fp32 else [p for p in int8_keep_fp32 if p.lower() != "none"],
+        text_encoder=text_encoder,
     )
     m = result.manifest
     typer.echo(f"bundle {result.directory}  model_version {m.model_version}  ({result.seconds:.1f} s)")

@@ -2,7 +2,8 @@
 
 synthetic data → chronological split → frozen content features → statistics → train → evaluate →
 export an ONNX + FAISS bundle and search it in-process → `karma serve` as its own process, replay a
-test user's clicks through `POST /events`, then a real `POST /search` by user id.
+test user's clicks through `POST /events`, then a real `POST /search` by user id, then adds an item
+live (`POST /items`, the bundle's own text encoder) and clicks it.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def run_demo(cfg: KarmaConfig) -> None:
     typer.echo(f"[6/{steps}] export the served towers to an ONNX + FAISS bundle and search it")
     bundle_dir = cfg.paths.artifacts / "bundles" / cfg.train.run_name
     _demo_export_and_search(run_dir(cfg) / "checkpoint", bundle_dir, dataset, split)
-    typer.echo(f"[7/{steps}] serve the bundle (karma serve) and call POST /events, then POST /search")
+    typer.echo(f"[7/{steps}] serve the bundle (karma serve): POST /events, POST /search, POST /items")
     _demo_serve_and_search(bundle_dir, cfg, dataset, split)
     _demo_next_steps(run_dir(cfg), bundle_dir)
 
@@ -87,13 +88,21 @@ def _demo_next_steps(run: Path, bundle_dir: Path) -> None:
     typer.echo(f"  evaluate:     {karma} evaluate {run}   collapse diagnostics: {karma} diagnose {run}")
 
 
+DEMO_ADMIN_KEY = "demo-admin-key-not-secret"  # the demo's own server, on localhost, for its one POST /items
+
+
 def _demo_serve_and_search(bundle_dir: Path, cfg: KarmaConfig, dataset, split) -> None:
     """Start `karma serve` as its own process, replay a test user's clicks into Redis, search by user id."""
     import httpx
 
     from service.launcher import karma_serve
 
-    with karma_serve(bundle_dir, cfg.serve.redis_url) as (base, _), httpx.Client(base_url=base, timeout=10.0) as client:
+    admin = {"Authorization": f"Bearer {DEMO_ADMIN_KEY}"}
+    env = {"KARMA_SERVE__ADMIN_API_KEY": DEMO_ADMIN_KEY}
+    with (
+        karma_serve(bundle_dir, cfg.serve.redis_url, env=env) as (base, _),
+        httpx.Client(base_url=base, timeout=30.0) as client,
+    ):
         position = int(split.test_pos[0])
         user = str(dataset.interactions.user_ids[split.seq_users[position]])
         start = split.user_offsets[split.seq_users[position]]
@@ -115,6 +124,20 @@ def _demo_serve_and_search(bundle_dir: Path, cfg: KarmaConfig, dataset, split) -
         for item in result["items"]:
             mark = "  <- the clicked item" if item["item_id"] == target else ""
             typer.echo(f"        {item['score']:6.3f}  {item['item_id']}  {item.get('title') or ''}{mark}")
+        # an item that arrives live: featurised by the bundle's own text encoder, indexed, then clicked
+        fields = dataset.catalog.text_fields
+        clicked = dataset.catalog.items.iloc[int(split.seq_items[position])]
+        text = {f: f"{clicked[f]}" for f in fields if str(clicked[f] or "")}
+        text[fields[0]] = f"{text.get(fields[0], '')} (new edition)"
+        r = client.post("/items", json={"items": [{"item_id": "demo-new-1", "text": text}]}, headers=admin)
+        r.raise_for_status()
+        added = r.json()
+        typer.echo(f"      POST {base}/items demo-new-1 {json.dumps(text)} -> row {added['items'][0]['row']}, "
+                   f"{added['timings_ms']['total']:.1f} ms ({added['note']})")  # fmt: skip
+        client.post("/events", json={"user_id": user, "item_id": "demo-new-1"}).raise_for_status()
+        again = client.post("/search", json={**body, "exclude_history": True}).json()
+        typer.echo(f"      after clicking it: history {again['history_used']} items, unknown {again['unknown_items']}, "
+                   f"top: {[i['item_id'] for i in again['items'][:3]]}")  # fmt: skip
 
 
 def _demo_export_and_search(checkpoint: Path, bundle_dir: Path, dataset, split) -> None:

@@ -25,6 +25,7 @@ from karma.errors import KarmaError
 from service.admin import router as admin_router
 from service.errors import install_error_handlers
 from service.fastpath import FastSearch, search_route
+from service.items import router as items_router
 from service.metrics import InFlight, Metrics
 from service.middleware import Admission, ServiceMiddleware
 from service.routes import router
@@ -89,7 +90,7 @@ def create_app(
     install_error_handlers(app)
     # The routes go straight into the app's route list, first: include_router() would wrap them in
     # FastAPI's lazily resolved included-router layers, which cost ~17 µs per request (hot; measured).
-    app.router.routes[:0] = [*router.routes, *admin_router.routes]
+    app.router.routes[:0] = [*router.routes, *admin_router.routes, *items_router.routes]
     app.openapi = _openapi_with_limits(app, config)  # type: ignore[method-assign]
     if config.docs:
         add_docs(app)
@@ -126,23 +127,49 @@ def _openapi_with_limits(app: FastAPI, config: ServeConfig) -> Callable[[], dict
     so a schema-valid request is never refused for a configured limit."""
     generate = app.openapi
 
+    built_for: list[str | None] = [None]  # the model version the cached schema describes
+
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
+        engine = app.state.svc.engine
+        version = engine.model_version if engine is not None else None
+        if app.openapi_schema is None or built_for[0] != version:  # POST /items depends on the served bundle
+            app.openapi_schema = None
             schema = generate()
             models = schema["components"]["schemas"]
             for name in ("SearchRequest", "EmbedInput"):
                 models[name]["properties"]["query"]["maxLength"] = config.max_query_chars
             for name in ("BatchSearchRequest", "EmbedRequest"):
                 models[name]["properties"]["inputs"]["maxItems"] = config.max_batch_inputs
+            models["ItemsRequest"]["properties"]["items"]["maxItems"] = config.max_upsert_items
             for variant in models["OpenAIEmbeddingsRequest"]["properties"]["input"]["anyOf"]:
                 text = variant if variant.get("type") == "string" else variant["items"]
                 text["maxLength"] = config.max_query_chars
                 if variant.get("type") == "array":
                     variant["maxItems"] = config.max_batch_inputs
+            if engine is not None:
+                _item_body_schema(models, engine.manifest.item_text_fields, engine.visual_dim)
             app.openapi_schema = schema
+            built_for[0] = version
         return app.openapi_schema
 
     return openapi
+
+
+def _item_body_schema(models: dict[str, Any], fields: list[str], visual_dim: int | None) -> None:
+    """`POST /items` as the served bundle takes it: its text fields by name, its visual block's width."""
+    body = models["NewItemBody"]["properties"]
+    string = body["text"]["anyOf"][0]
+    body["text"]["anyOf"][1] = {
+        "type": "object",
+        "properties": {name: dict(string) for name in fields},
+        "additionalProperties": False,
+    }
+    if visual_dim is None:
+        body["visual"] = {"type": "null", "description": "This bundle has no visual feature block."}
+    else:
+        body["visual"]["anyOf"][0].update(minItems=visual_dim, maxItems=visual_dim)
+    if fields:
+        models["ItemsRequest"]["examples"] = [{"items": [{"item_id": "new-42", "text": {fields[0]: "Solar lantern"}}]}]
 
 
 def add_docs(app: FastAPI) -> None:

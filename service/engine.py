@@ -8,18 +8,24 @@ the whole batch, then applies each request's exclusions and k. Nothing here touc
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from karma.bundle import Bundle, EncoderSessions, load_bundle, read_manifest
+from karma.bundle import Bundle, EncoderSessions, load_bundle, open_text_encoder, read_manifest
 from karma.errors import KarmaError
 from karma.featurize import query_encoder_feeds
+from karma.hashed_id import hashed_id_buckets
+from karma.text_features import item_texts
+from service.catalog import LiveCatalog
 from service.index import FaissBackend, IndexBackend
 from service.loadguard import LoadGuard, LoadStopped
 
@@ -38,6 +44,16 @@ class Job:
     k: int  # 0: embed only (POST /embed): h_t comes back, the index is not searched
     exclude: np.ndarray  # int64 unique rows to leave out of the results
     enqueued: float = 0.0  # perf_counter at submit
+
+
+@dataclass
+class NewItem:
+    """One item of a POST /items body, validated."""
+
+    item_id: str
+    text: dict[str, str]  # catalog text field -> value (the bundle's item_text_fields)
+    title: str | None = None
+    visual: list[float] | None = None
 
 
 @dataclass
@@ -115,21 +131,31 @@ class Engine:
         self.max_history = bundle.manifest.max_history
         self.max_query_tokens = bundle.manifest.max_query_tokens
         self.n_items = bundle.manifest.n_items
-        self.item_ids: list[str] = [str(i) for i in bundle.items["item_id"].tolist()]
-        self.row_of: dict[str, int] = {item: row for row, item in enumerate(self.item_ids)}
-        self.titles: list[str | None] | None = None
+        titles: list[str | None] | None = None
         if "title" in bundle.items.columns:
-            self.titles = [None if t is None else str(t) for t in bundle.items["title"].tolist()]
-        self._features = np.ascontiguousarray(bundle.item_features, dtype=np.float32)
-        self._buckets = bundle.item_id_buckets
-        self._needs_buckets = bundle.query_takes_buckets
-        self.index_device = "cpu"  # "cuda" once `load` has moved the index to the GPU
+            titles = [None if t is None else str(t) for t in bundle.items["title"].tolist()]
         self._embeddings = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
+        # every served item, the bundle's and those added live (POST /items); rows never move
+        self.catalog = LiveCatalog(
+            [str(i) for i in bundle.items["item_id"].tolist()],
+            titles,
+            bundle.item_features,
+            bundle.item_id_buckets,
+            self._embeddings,
+        )
+        self.item_ids: list[str] = self.catalog.item_ids  # the same objects: appended to by live upserts
+        self.row_of: dict[str, int] = self.catalog.row_of
+        self.titles = self.catalog.titles
+        self._needs_buckets = bundle.query_takes_buckets
+        self._text_encoder: Any = None  # opened on the first POST /items (ORT session of ~90 MB for MiniLM)
+        self._text_encoder_lock = threading.Lock()
+        self._items_thread: ThreadPoolExecutor | None = None  # featurises POST /items bodies, one at a time
+        self.index_device = "cpu"  # "cuda" once `load` has moved the index to the GPU
         self.rerank_factor = 1  # `load` sets serve.rerank_factor for approximate indexes
         self.index: IndexBackend = FaissBackend(bundle.index, self._embeddings)  # `load`/`prepare` may replace it
         self.run_options: Any = None  # an ort.RunOptions while a LoadGuard watches the probe and warm-up
         self._gpu_resources: Any = None
-        if self._needs_buckets and self._buckets is None:
+        if self._needs_buckets and self.catalog.id_rows is None:
             raise KarmaError(f"bundle {bundle.directory}: the query encoder needs hist_buckets but there are none")
 
     @classmethod
@@ -244,7 +270,7 @@ class Engine:
 
     def item_vectors(self, rows: list[int]) -> np.ndarray:
         """The item embeddings at `rows` (float32, len x embed_dim), exactly as the index holds them."""
-        return self._embeddings[np.asarray(rows, dtype=np.int64)]
+        return self.catalog.embeddings[np.asarray(rows, dtype=np.int64)]
 
     @property
     def parameters(self) -> int:
@@ -258,6 +284,104 @@ class Engine:
             return int(cost["query_flops"])
         return None
 
+    # ---- items added live (POST /items, DELETE /items; executor thread) ----------------------------
+
+    @property
+    def accepts_items(self) -> bool:
+        """Whether this bundle ships its item text encoder (exported without --no-text-encoder)."""
+        return self.manifest.text_encoder is not None
+
+    @property
+    def visual_dim(self) -> int | None:
+        """Width of the one non-text feature block a new item's `visual` vector fills (None: there is none)."""
+        others = [b for b in self.manifest.layout.blocks if self.manifest.text_encoder is None
+                  or b.name != self.manifest.text_encoder.block]  # fmt: skip
+        return others[0].dim if len(others) == 1 else None
+
+    async def featurise_items(self, items: list[NewItem]) -> tuple[np.ndarray, np.ndarray | None]:
+        """`item_inputs` on this engine's item thread: text encoding (MiniLM: ms per item) never holds up the
+        encode thread's searches, and concurrent upserts take turns instead of oversubscribing the cores."""
+        if self._items_thread is None:
+            self._items_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="karma-items")
+        return await asyncio.get_running_loop().run_in_executor(self._items_thread, self.item_inputs, items)
+
+    def item_inputs(self, items: list[NewItem]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The item encoder's inputs for new items, built the way export built the catalog's (any thread).
+
+        Text block: the bundle's own text encoder over the fields joined as training joined them; visual
+        block: the item's vector, or zeros (what training gave items without an image); ID row: the cold
+        path: an item outside the bundle gets the "no ID" row 0 (exact IDs) and is scored from content
+        alone, a bundle item keeps its trained row; hashed IDs hash the id as training did.
+        """
+        info = self.manifest.text_encoder
+        if info is None:
+            raise KarmaError("this bundle ships no item text encoder (exported with --no-text-encoder)")
+        with self._text_encoder_lock:  # the first call opens it (ORT sessions then run from any thread)
+            if self._text_encoder is None:
+                self._text_encoder = open_text_encoder(self.bundle.directory, info)
+        layout = self.manifest.layout
+        fields = self.manifest.item_text_fields
+        text = self._text_encoder.encode(item_texts(fields, [item.text for item in items]))
+        features = np.zeros((len(items), layout.dim), dtype=np.float32)
+        features[:, layout.slice_of(info.block)] = text
+        visual = [b for b in layout.blocks if b.name != info.block]
+        for i, item in enumerate(items):
+            if item.visual is not None and len(visual) == 1:
+                features[i, layout.slice_of(visual[0].name)] = item.visual
+        if layout.id_buckets == 0:
+            return features, None
+        if layout.id_scheme == "exact":
+            known = [self.row_of.get(item.item_id) for item in items]
+            base = self.bundle.item_id_buckets
+            assert base is not None
+            id_rows = np.asarray([base[r] if r is not None and r < self.n_items else 0 for r in known], np.int64)
+        else:
+            id_rows = hashed_id_buckets([item.item_id for item in items], layout.id_buckets, layout.id_hash_seed)
+        return features, id_rows
+
+    def upsert_items(
+        self,
+        items: list[NewItem],
+        rows: list[int] | None = None,
+        inputs: tuple[np.ndarray, np.ndarray | None] | None = None,
+    ) -> list[tuple[int, bool]]:
+        """Encode and index `items` (encode thread); (row, created) per item. `rows`: given by a shared registry,
+        else an id already served keeps its row and a new id gets the next one. `inputs`: `item_inputs(items)`,
+        computed beforehand off the encode thread (text encoding is the slow part; searches must not wait on it)."""
+        features, id_rows = inputs if inputs is not None else self.item_inputs(items)
+        vectors = self.sessions.encode_items(features, id_rows)
+        created = [item.item_id not in self.row_of for item in items]
+        if rows is None:
+            fresh: dict[str, int] = {}
+            rows = []
+            for item in items:
+                row = self.row_of.get(item.item_id)
+                if row is None:
+                    row = fresh.setdefault(item.item_id, self.catalog.size + len(fresh))
+                rows.append(row)
+        self.index.upsert(rows, vectors)
+        self.catalog.put(rows, [i.item_id for i in items], [i.title for i in items], features, id_rows, vectors)
+        return list(zip(rows, created, strict=True))
+
+    def close(self) -> None:
+        """Stop this engine's item thread (the service is stopping; a reloaded-away engine keeps it until then)."""
+        if self._items_thread is not None:
+            self._items_thread.shutdown(wait=False, cancel_futures=True)
+
+    def apply_items(self, rows: list[int], items: list[NewItem], features: np.ndarray, id_rows: np.ndarray | None,
+                    vectors: np.ndarray) -> None:  # fmt: skip
+        """Record items another replica indexed (shared backend): the catalog only, the index has them."""
+        self.catalog.put(rows, [i.item_id for i in items], [i.title for i in items], features, id_rows, vectors)
+
+    def delete_item(self, item_id: str) -> int | None:
+        """Remove an item from the index (its row and features stay, for histories); its row, None if unknown."""
+        row = self.row_of.get(item_id)
+        if row is None or row in self.catalog.deleted:
+            return None
+        self.index.delete([row])
+        self.catalog.delete(row)
+        return row
+
     # ---- the batch path (executor thread) -------------------------------------------------------
 
     def feeds(
@@ -266,12 +390,12 @@ class Engine:
         """The query encoder's inputs for a batch, built exactly as training builds them."""
         return query_encoder_feeds(
             self.bundle.tokenizer,
-            self._features,
+            self.catalog.features,  # type: ignore[arg-type]  # a RowStore gathers rows like an array
             queries,
             histories,
             self.max_query_tokens,
             self.max_history,
-            self._buckets if self._needs_buckets else None,
+            self.catalog.id_rows if self._needs_buckets else None,  # type: ignore[arg-type]
             query_lengths,
         )
 
@@ -292,8 +416,8 @@ class Engine:
             for at, i in enumerate(members):
                 job = jobs[i]
                 # FAISS pads with -1 when it finds fewer than asked; a shared index (Milvus) may hold rows this
-                # bundle has no id for (items added after it): neither is an answer
-                keep = (rows[at] >= 0) & (rows[at] < self.n_items)
+                # replica has not heard of yet (another replica's upsert, a moment ago): neither is an answer
+                keep = (rows[at] >= 0) & (rows[at] < self.catalog.size)
                 if len(job.exclude):
                     keep &= ~np.isin(rows[at], job.exclude)
                 kept = np.flatnonzero(keep)[: job.k]
@@ -320,7 +444,7 @@ class Engine:
         their k (+ exclusions): a heavy request pays for its own k, light neighbours for theirs.
         Embed-only jobs (k = 0) are in no group.
         """
-        wanted = [min(self.n_items, j.k + len(j.exclude)) for j in jobs]
+        wanted = [min(self.catalog.size, j.k + len(j.exclude)) for j in jobs]
         groups: dict[int, list[int]] = {}
         for i, k in enumerate(wanted):
             if jobs[i].k == 0:

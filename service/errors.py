@@ -10,7 +10,9 @@
 | 413 | `payload_too_large` | body over `serve.max_body_bytes` (refused before parsing) |
 | 422 | `invalid_json` | malformed JSON, a body that is not UTF-8, or JSON nested too deeply to parse |
 | 422 | `validation_error` | wrong types, missing fields, `k` out of range, junk in a query, nothing to search with |
+| 404 | `item_not_found` | `DELETE /items/{item_id}` of an item not served (or already deleted) |
 | 409 | `reload_in_progress` | `/admin/reload` while another reload runs |
+| 409 | `items_not_supported` | `POST /items` on a bundle exported without its text encoder (`--no-text-encoder`) |
 | 422 | `unknown_items` | an `/events` or `/embed` item not in the bundle; a history with no known item and no query |
 | 422 | `no_history` | a search or embedding by `user_id` alone, and the user has no stored history |
 | 422 | `unsupported_dimensions` | `/v1/embeddings` `dimensions` other than the served model's |
@@ -74,6 +76,8 @@ class ErrorType(StrEnum):
     INVALID_JSON = "invalid_json"
     VALIDATION_ERROR = "validation_error"
     RELOAD_IN_PROGRESS = "reload_in_progress"
+    ITEM_NOT_FOUND = "item_not_found"
+    ITEMS_NOT_SUPPORTED = "items_not_supported"
     UNKNOWN_ITEMS = "unknown_items"
     NO_HISTORY = "no_history"
     UNSUPPORTED_DIMENSIONS = "unsupported_dimensions"
@@ -94,6 +98,8 @@ STATUS: dict[ErrorType, int] = {
     ErrorType.METHOD_NOT_ALLOWED: 405,
     ErrorType.BODY_TIMEOUT: 408,
     ErrorType.RELOAD_IN_PROGRESS: 409,
+    ErrorType.ITEM_NOT_FOUND: 404,
+    ErrorType.ITEMS_NOT_SUPPORTED: 409,
     ErrorType.PAYLOAD_TOO_LARGE: 413,
     ErrorType.INVALID_JSON: 422,
     ErrorType.VALIDATION_ERROR: 422,

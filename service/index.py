@@ -46,7 +46,9 @@ class IndexBackend(Protocol):
 
 
 class FaissBackend:
-    """The bundle's FAISS index, searched in-process (re-ranked with exact embeddings when approximate)."""
+    """The bundle's FAISS index, searched in-process (re-ranked with exact embeddings when approximate), plus a
+    delta for live changes: vectors upserted since start in a small exact matrix searched beside the index, and
+    bundle rows deleted or replaced hidden from it. The delta lives in this replica's memory only."""
 
     name = "faiss"
     shared = False
@@ -56,21 +58,82 @@ class FaissBackend:
         self.embeddings = embeddings
         self.rerank_factor = rerank_factor
         self.index_type = index_type
+        self.n_base = int(index.ntotal)
+        dim = int(embeddings.shape[1]) if embeddings.ndim == 2 else int(index.d)
+        # (live rows, their vectors, bundle rows hidden from the index): replaced as a whole by each change
+        self._delta: tuple[np.ndarray, np.ndarray, np.ndarray] = (
+            np.zeros(0, np.int64),
+            np.zeros((0, dim), np.float32),
+            np.zeros(0, np.int64),
+        )
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return search_top_k(self.index, self.embeddings, queries, k, self.rerank_factor)
+        rows_live, vectors_live, hidden = self._delta
+        if not len(rows_live) and not len(hidden):
+            return search_top_k(self.index, self.embeddings, queries, k, self.rerank_factor)
+        # the index may return hidden rows: ask for that many more, then drop them
+        scores, rows = search_top_k(self.index, self.embeddings, queries, min(k + len(hidden), self.n_base),
+                                    self.rerank_factor)  # fmt: skip
+        if len(hidden):
+            gone = np.isin(rows, hidden)
+            scores = np.where(gone, -np.inf, scores)
+            rows = np.where(gone, -1, rows)
+        if len(rows_live):
+            live_scores = (np.ascontiguousarray(queries, dtype=np.float32) @ vectors_live.T).astype(np.float32)
+            live_rows = np.broadcast_to(rows_live, live_scores.shape)
+            if live_scores.shape[1] > k:  # only the delta's own top k can make the answer: select before merging
+                part = np.argpartition(-live_scores, k - 1, axis=1)[:, :k]
+                live_scores = np.take_along_axis(live_scores, part, axis=1)
+                live_rows = rows_live[part]
+            scores = np.concatenate([scores, live_scores], axis=1)
+            rows = np.concatenate([rows, live_rows], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top_scores = np.take_along_axis(scores, order, axis=1)
+        top_rows = np.take_along_axis(rows, order, axis=1)
+        top_rows = np.where(np.isfinite(top_scores), top_rows, -1)
+        if top_scores.shape[1] < k:  # fewer candidates than k: pad like FAISS
+            pad = k - top_scores.shape[1]
+            top_scores = np.pad(top_scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            top_rows = np.pad(top_rows, ((0, 0), (0, pad)), constant_values=-1)
+        return top_scores, top_rows
 
     def upsert(self, rows: Sequence[int], vectors: np.ndarray) -> None:
-        raise KarmaError("the faiss backend is read-only in this version: serve.index_backend=milvus takes upserts")
+        """Rows past the bundle's join the delta; a bundle row is hidden from the index and its new vector joins it."""
+        rows_live, vectors_live, hidden = self._delta
+        rows = np.asarray(list(rows), dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        keep = ~np.isin(rows_live, rows)
+        rows_live = np.concatenate([rows_live[keep], rows])
+        vectors_live = np.concatenate([vectors_live[keep], vectors])
+        hidden = np.union1d(hidden, rows[rows < self.n_base])
+        self._delta = (rows_live, vectors_live, hidden)
 
     def delete(self, rows: Sequence[int]) -> None:
-        raise KarmaError("the faiss backend is read-only in this version: serve.index_backend=milvus takes deletes")
+        rows_live, vectors_live, hidden = self._delta
+        rows = np.asarray(list(rows), dtype=np.int64)
+        keep = ~np.isin(rows_live, rows)
+        self._delta = (rows_live[keep], vectors_live[keep], np.union1d(hidden, rows[rows < self.n_base]))
 
     def count(self) -> int:
-        return int(self.index.ntotal)
+        rows_live, _, hidden = self._delta
+        return (
+            self.n_base
+            - len(hidden)
+            + int(np.count_nonzero(rows_live >= self.n_base))
+            + int(np.count_nonzero(np.isin(rows_live, hidden)))
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "type": self.index_type, "items": self.count(), "shared": self.shared}
+        rows_live, _, hidden = self._delta
+        return {
+            "backend": self.name,
+            "type": self.index_type,
+            "items": self.count(),
+            "shared": self.shared,
+            "live_vectors": len(rows_live),
+            "hidden_bundle_rows": len(hidden),
+            "note": "changes from POST /items and DELETE /items are held by this replica only and lost on restart",
+        }
 
 
 class MilvusBackend:
@@ -87,6 +150,8 @@ class MilvusBackend:
         index_type: str = "FLAT",
         token: str | None = None,
         timeout_s: float = 5.0,
+        index_params: dict[str, Any] | None = None,
+        search_params: dict[str, Any] | None = None,
     ):
         try:
             from pymilvus import MilvusClient
@@ -99,6 +164,8 @@ class MilvusBackend:
         self.dim = dim
         self.index_type = index_type
         self.timeout_s = timeout_s  # every call: a hung Milvus must not wedge the encoder thread
+        self.index_params = index_params or {}  # e.g. {"nlist": 1024} for IVF_FLAT (Milvus's defaults otherwise)
+        self.search_params = search_params or {}  # e.g. {"nprobe": 32}
         try:
             self.client = MilvusClient(uri, token=token or "", timeout=timeout_s)
         except Exception as exc:  # pymilvus raises its own MilvusException, or OSError for a bad path
@@ -119,7 +186,8 @@ class MilvusBackend:
             if dim is not None and int(dim) != self.dim:
                 raise KarmaError(f"Milvus collection {self.collection} holds {dim}-d vectors, the bundle {self.dim}-d")
             client.load_collection(self.collection)
-            if self.count() < len(embeddings):
+            # a fill that stopped midway left no marker; a complete one may hold fewer rows (items deleted live)
+            if not client.has_collection(self.filled_marker) and self.count() < len(embeddings):
                 log.warning("Milvus collection %s is short of the bundle's %d items: topping it up", self.collection,
                             len(embeddings))  # fmt: skip
                 wrote = True
@@ -128,7 +196,9 @@ class MilvusBackend:
             schema.add_field("row", DataType.INT64, is_primary=True)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
             params = client.prepare_index_params()
-            params.add_index(field_name="vector", index_type=self.index_type, metric_type="IP")
+            params.add_index(
+                field_name="vector", index_type=self.index_type, metric_type="IP", params=self.index_params
+            )
             client.create_collection(self.collection, schema=schema, index_params=params)
             wrote = True
         if wrote:
@@ -136,6 +206,8 @@ class MilvusBackend:
             self.upsert(range(len(embeddings)), embeddings)
             client.flush(self.collection)  # seal the segments so searches do not scan a growing one
             client.load_collection(self.collection)
+            if not client.has_collection(self.filled_marker):
+                client.create_collection(self.filled_marker, dimension=2)  # "the bundle's rows are all in"
             log.info(
                 "Milvus collection %s: %d vectors written in %.1f s", self.collection, len(embeddings),
                 time.perf_counter() - started,
@@ -150,7 +222,7 @@ class MilvusBackend:
                 data=queries.tolist(),
                 limit=min(k, MILVUS_MAX_LIMIT),
                 anns_field="vector",
-                search_params={"metric_type": "IP"},
+                search_params={"metric_type": "IP", "params": self.search_params},
                 output_fields=["row"],
                 timeout=self.timeout_s,
             )
@@ -172,10 +244,16 @@ class MilvusBackend:
                 {"row": int(row), "vector": vectors[i].tolist()}
                 for i, row in enumerate(rows[start : start + MILVUS_BATCH], start)
             ]
-            self.client.upsert(self.collection, chunk, timeout=max(self.timeout_s, 60.0))
+            try:
+                self.client.upsert(self.collection, chunk, timeout=max(self.timeout_s, 60.0))
+            except Exception as exc:
+                raise IndexUnavailable(f"Milvus at {self._where()}: upsert failed: {exc}") from None
 
     def delete(self, rows: Sequence[int]) -> None:
-        self.client.delete(self.collection, ids=[int(r) for r in rows], timeout=self.timeout_s)
+        try:
+            self.client.delete(self.collection, ids=[int(r) for r in rows], timeout=self.timeout_s)
+        except Exception as exc:
+            raise IndexUnavailable(f"Milvus at {self._where()}: delete failed: {exc}") from None
 
     def count(self) -> int:
         try:
@@ -183,6 +261,11 @@ class MilvusBackend:
         except Exception as exc:
             raise IndexUnavailable(f"Milvus at {self._where()}: count failed: {exc}") from None
         return int(result[0]["count(*)"])
+
+    @property
+    def filled_marker(self) -> str:
+        """An empty collection whose existence says the bundle's fill completed (top-ups never resurrect deletes)."""
+        return f"{self.collection}__filled"
 
     def _where(self) -> str:
         return self.uri if "://" not in self.uri else self.uri.split("@")[-1]  # no credentials
@@ -195,6 +278,7 @@ class MilvusBackend:
             "uri": self._where(),
             "collection": self.collection,
             "shared": self.shared,
+            "note": "changes from POST /items and DELETE /items reach every replica (ids and features via Redis)",
         }
 
     def close(self) -> None:

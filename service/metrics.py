@@ -81,6 +81,12 @@ class Metrics:
             "By-user searches answered from the query alone because the stored history could not be read.",
             registry=r,
         )
+        self.items_changed = Counter(
+            "karma_items_changed_total",
+            "Items changed live by op: added (POST /items, new id), replaced (an id already served), deleted.",
+            ["op"],
+            registry=r,
+        )
         self.reloads = Counter(
             "karma_reloads_total",
             "Hot reloads (POST /admin/reload) by outcome: success, rejected (bad bundle), failed (other).",

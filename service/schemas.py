@@ -493,6 +493,95 @@ class HistoryResponse(_Strict):
     max_history: int = Field(description="How many of the newest the served model reads (the bundle's max_history).")
 
 
+MAX_UPSERT_ITEMS = 1000  # hard cap of a POST /items body (serve.max_upsert_items is the configured one)
+MAX_ITEM_TEXT_CHARS = 8192  # per text field
+MAX_VISUAL_DIM = 4096
+
+
+def _finite(values: list[float] | None) -> list[float] | None:
+    if values is not None and not all(math.isfinite(v) for v in values):
+        raise ValueError("visual values must be finite numbers (no NaN or infinity)")
+    return values
+
+
+ItemText = Annotated[str, Field(max_length=MAX_ITEM_TEXT_CHARS, json_schema_extra={"pattern": TEXT_PATTERN})]
+
+
+class NewItemBody(_Strict):
+    """One item to add or replace: its id, its catalog text and, optionally, its visual vector."""
+
+    item_id: ItemId
+    text: ItemText | dict[str, ItemText] = Field(
+        description=(
+            "The item's text: an object of the bundle's text fields (`/info` items.text_fields, e.g. "
+            '{"title": ..., "genres": ...}; this schema lists the served ones), or one string taken as the first field.'
+        )
+    )
+    visual: list[float] | None = Field(
+        None,
+        max_length=MAX_VISUAL_DIM,
+        description="The item's frozen visual vector, when the bundle has a visual block (`/info` "
+        "items.visual_dim wide); absent: zeros, as training gave items without an image.",
+    )
+
+    @field_validator("item_id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return check_id(value, "item_id")
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, value: str | dict[str, str]) -> str | dict[str, str]:
+        for part in [value] if isinstance(value, str) else value.values():
+            check_text(part, "text")
+        return value
+
+    @field_validator("visual")
+    @classmethod
+    def _visual(cls, value: list[float] | None) -> list[float] | None:
+        return _finite(value)
+
+
+class ItemsRequest(_Strict):
+    """Items to index now, by id: a new id is added, an id already served is replaced (same row).
+    An id given twice in one body: the later one counts (one entry in the answer)."""
+
+    items: list[NewItemBody] = Field(
+        min_length=1, max_length=MAX_UPSERT_ITEMS, description="At most serve.max_upsert_items items."
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"items": [{"item_id": "new-42", "text": {"title": "Solar lantern", "genres": "Garden"}}]}]
+        },
+    )
+
+
+class UpsertedItem(_Strict):
+    item_id: str
+    row: int = Field(description="The item's row in the served catalog (stable; new items get rows past the bundle's).")
+    created: bool = Field(description="True: a new item; False: an item already served was replaced.")
+
+
+class ItemsResponse(_Strict):
+    items: list[UpsertedItem]
+    model_version: str
+    backend: str = Field(description="The index backend that holds them (serve.index_backend).")
+    shared: bool = Field(description="True: every replica sees them and they survive restarts (Milvus).")
+    note: str = Field(description="Where the change lives (this replica only, or every replica).")
+    timings_ms: dict[str, float] = Field(description="encode (text + item encoders) and index, milliseconds.")
+
+
+class DeletedItem(_Strict):
+    item_id: str
+    row: int
+    model_version: str
+    backend: str
+    shared: bool
+    note: str
+
+
 class ErrorBody(_Strict):
     error: str = Field(description="What went wrong, readable.")
     type: str = Field(description="Machine-readable kind, e.g. validation_error, queue_full, redis_unavailable.")

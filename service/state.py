@@ -28,6 +28,7 @@ from service.history import HistoryStore, RedisUnavailable
 from service.index import MilvusBackend, collection_name
 from service.loadguard import LoadGuard, run_in_daemon_thread
 from service.metrics import InFlight, Metrics
+from service.registry import ItemRegistry
 from service.schemas import MAX_K
 from service.tracing import Tracing
 
@@ -78,6 +79,7 @@ class ServiceState:
             config.redis_health_check_s,
             config.event_id_ttl_s,
         )
+        self.registry = ItemRegistry(self.history)  # live items of a shared index (Milvus), in Redis
         self.providers: list[str] = []
         self.bundle_path: Path | None = config.bundle
         self.loaded_at: float | None = None
@@ -116,6 +118,7 @@ class ServiceState:
                 self.history.describe(),
                 exc,
             )
+        await self._follow_registry(engine, self.batcher)
         self.batcher.start()
         self.ready = True
         self.started_at = time.time()
@@ -129,6 +132,18 @@ class ServiceState:
             engine.index_device,
             self.startup_seconds,
         )
+
+    async def _follow_registry(self, engine: Engine, batcher: MicroBatcher) -> None:
+        """Shared index: apply the live items other replicas added (before serving), then follow their changes."""
+        self.registry.stop()
+        if not engine.index.shared:
+            return
+        try:
+            applied = await self.registry.catch_up(engine, batcher)
+            log.info("live item registry: %d change(s) replayed for model %s", applied, engine.model_version)
+        except RedisUnavailable as exc:
+            log.warning("live item registry unavailable at load (%s): following it when Redis is back", exc)
+        self.registry.follow(engine, batcher)
 
     def _prepare(self, directory: Path) -> Engine:
         """Load + validate + probe + warm within the load budget (blocking: run it in a daemon thread)."""
@@ -192,7 +207,8 @@ class ServiceState:
         outcome = "failed"
         try:
             engine = await run_in_daemon_thread(lambda: self._prepare(target), "karma-reload")
-            old, _ = self.serving()  # not while draining; and the engine serving now is the one replaced
+            old, batcher = self.serving()  # not while draining; and the engine serving now is the one replaced
+            await self._follow_registry(engine, batcher)  # a shared index: its live items before it serves
             self._install(engine, target)
             outcome = "success"
         except KarmaError as exc:
@@ -273,6 +289,9 @@ class ServiceState:
             await asyncio.sleep(0.005)
         if self.in_flight.count:
             log.warning("stopping with %d request(s) still in flight", self.in_flight.count)
+        await self.registry.close()
+        if self.engine is not None:
+            self.engine.close()
         if self.batcher is not None:
             await self.batcher.stop(max(0.0, deadline - time.perf_counter()))
         await self.history.close()
@@ -315,9 +334,11 @@ class ServiceState:
                 reasons.append(f"probe inference failed: {exc}")
             try:
                 held = await batcher.run_in_worker(engine.index.count)
-                checks["index"] = {"ok": held >= engine.n_items, "backend": engine.index.name, "n_items": held}
-                if held < engine.n_items:
-                    reasons.append(f"the {engine.index.name} index holds {held} of the bundle's {engine.n_items} items")
+                # what this replica knows it serves: the bundle's items and the live ones, less the deleted
+                expected = engine.catalog.size - len(engine.catalog.deleted)
+                checks["index"] = {"ok": held >= expected, "backend": engine.index.name, "n_items": held}
+                if held < expected:
+                    reasons.append(f"the {engine.index.name} index holds {held} of the {expected} items served")
             except Exception as exc:  # e.g. Milvus unreachable
                 checks["index"] = {"ok": False, "backend": engine.index.name, "error": f"{type(exc).__name__}: {exc}"}
                 reasons.append(f"{engine.index.name} index unavailable: {exc}")
@@ -392,6 +413,14 @@ class ServiceState:
                     "onnx": {"exporter": m.onnx.exporter, "opset": m.onnx.opset},
                     "training": {"preset": m.training.preset, "backbone": m.training.backbone, "step": m.training.step},
                     "feature_layout": m.feature_layout,
+                    "items": {
+                        "accepts_upserts": engine.accepts_items,
+                        "text_fields": m.item_text_fields,
+                        "text_encoder": None if m.text_encoder is None else m.text_encoder.kind,
+                        "visual_dim": engine.visual_dim,
+                        "max_upsert_items": config.max_upsert_items,
+                        **engine.catalog.describe(),
+                    },
                 }
             )
         return out

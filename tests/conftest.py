@@ -80,6 +80,7 @@ TIERS = {
             "service",
             "service_batch_embed",
             "service_hardening",
+            "service_items",
             "service_milvus",
             "service_overload",
             "service_redis_faults",

@@ -687,3 +687,66 @@ def test_locust_is_never_imported_by_the_service_or_the_tests() -> None:
                 elif isinstance(node, ast.ImportFrom):
                     names = [node.module or ""]
                 assert not any(n.split(".")[0] in {"locust", "gevent"} for n in names), f"{path} imports {names}"
+
+
+MILVUS_OVERLAY = K8S / "overlays" / "milvus"
+
+
+def strategic_merge(base: Any, patch: Any) -> Any:
+    """Kubernetes' strategic merge for what our overlays patch: mappings key by key, containers and
+    volumes lists merged by `name`, anything else replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {k: strategic_merge(base[k], v) if k in base else v for k, v in patch.items()} | {
+            k: v for k, v in base.items() if k not in patch
+        }
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i for i in patch):
+        by_name = {i["name"]: i for i in patch}
+        merged = [strategic_merge(i, by_name.pop(i["name"])) if i.get("name") in by_name else i for i in base]
+        return merged + list(by_name.values())
+    return copy.deepcopy(patch)
+
+
+def milvus_overlay() -> list[dict[str, Any]]:
+    """The base manifests with the Milvus overlay's resources and patches applied (what `kubectl apply -k` sends)."""
+    kustomization = yaml.safe_load((MILVUS_OVERLAY / "kustomization.yaml").read_text())
+    assert kustomization["resources"][0] == "../.."
+    docs = [copy.deepcopy(d) for d in k8s_docs()]
+    for name in kustomization["resources"][1:]:
+        docs += [d for d in yaml.safe_load_all((MILVUS_OVERLAY / name).read_text()) if d]
+    for entry in kustomization["patches"]:
+        patch = yaml.safe_load((MILVUS_OVERLAY / entry["path"]).read_text())
+        at = [
+            i
+            for i, d in enumerate(docs)
+            if (d["kind"], d["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])
+        ]
+        assert len(at) == 1, f"patch {entry['path']} matches {len(at)} manifests"
+        docs[at[0]] = strategic_merge(docs[at[0]], patch)
+    return docs
+
+
+def test_the_k8s_milvus_overlay_serves_from_milvus_and_keeps_the_item_registry() -> None:
+    kustomization = yaml.safe_load((MILVUS_OVERLAY / "kustomization.yaml").read_text())
+    assert schema_errors(kustomization_schema_validator(), kustomization) == []
+    docs = milvus_overlay()
+    for doc in docs:
+        assert kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True) == K8S_VERSIONS[-1], doc["kind"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    cfg = load_config(environ=karma_env(config["data"]))
+    assert cfg.serve.index_backend == "milvus" and urlsplit(cfg.serve.milvus_uri).port == 19530
+    redis_pod = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "karma-redis")
+    spec = redis_pod["spec"]["template"]["spec"]
+    args = spec["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes" and args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    claim = spec["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert any(d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim for d in docs)
+    assert spec["containers"][0]["volumeMounts"][0]["mountPath"] == "/data"
+    assert spec["containers"][0]["readinessProbe"]  # the base container's other fields survive the patch
+
+
+def test_the_compose_milvus_override_keeps_redis_on_a_volume_and_never_evicts() -> None:
+    stack = merge(compose(), yaml.safe_load(COMPOSE_MILVUS_FILE.read_text()))
+    command = stack["services"]["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert stack["services"]["redis"]["volumes"] == ["redis-data:/data"] and "redis-data" in stack["volumes"]

@@ -54,7 +54,9 @@ def test_tracing_emits_a_server_span_and_stage_spans_joined_to_the_callers_trace
     for child in children:
         assert search.start_time <= child.start_time <= child.end_time <= search.end_time, child.name
         ms = (child.end_time - child.start_time) / 1e6
-        assert ms == pytest.approx(timings[child.name], abs=0.05), child.name  # featurize adds id resolution
+        if child.name == "featurize":  # the response's featurize also counts the id resolution, an attribute here
+            ms += child.attributes["karma.resolve_ms"]
+        assert ms == pytest.approx(timings[child.name], abs=0.005), child.name
     batch = next(s for s in servers if s.name == "POST /search/batch")
     batch_children = [s for s in spans if s.parent is not None and s.parent.span_id == batch.context.span_id]
     assert sorted(c.name for c in batch_children) == sorted(STAGES * 2)  # one set per input

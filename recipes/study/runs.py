@@ -250,7 +250,7 @@ def _export(checkpoint: Path, bundle: Path) -> dict[str, Any]:
     from export.bundle_writer import export_checkpoint
 
     t0 = time.perf_counter()
-    result = export_checkpoint(checkpoint, bundle, force=True)
+    result = export_checkpoint(checkpoint, bundle, force=True, text_encoder=False)  # evaluated, never served live
     m = result.manifest
     return {
         "bundle": str(bundle),

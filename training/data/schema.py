@@ -21,6 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from karma.text_features import join_item_text
+
 SCHEMA_VERSION = 1
 
 
@@ -54,15 +56,7 @@ class Catalog:
         if not self.text_fields:
             return [""] * self.n_items
         columns = [self.items[f].fillna("").astype(str).to_numpy() for f in self.text_fields]
-        if len(columns) == 1:
-            return list(columns[0])
-        out = []
-        for values in zip(*columns, strict=True):
-            parts = [values[0]] + [
-                f"{name}: {v}" for name, v in zip(self.text_fields[1:], values[1:], strict=True) if v
-            ]
-            out.append(" | ".join(p for p in parts if p))
-        return out
+        return [join_item_text(self.text_fields, values) for values in zip(*columns, strict=True)]
 
 
 @dataclass

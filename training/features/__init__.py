@@ -4,9 +4,9 @@ Importing this package does not import torch; the encoders load torch (and their
 when they first encode something.
 """
 
+from karma.hashed_id import hashed_id_bucket, hashed_id_buckets
 from training.features.build import ItemFeatures, build_item_features
 from training.features.cache import FeatureCache, cached_encode, content_key
-from training.features.hashed_id import hashed_id_bucket, hashed_id_buckets
 from training.features.text import (
     HashingTextEncoder,
     MiniLMTextEncoder,

@@ -25,9 +25,9 @@ import numpy as np
 from karma.config import KarmaConfig
 from karma.contracts import FeatureBlock, FeatureLayout
 from karma.errors import KarmaError
+from karma.hashed_id import hashed_id_buckets
 from training.data.schema import Catalog
 from training.features.cache import FeatureCache, save_npy_atomic, save_text_atomic
-from training.features.hashed_id import hashed_id_buckets
 from training.features.text import make_text_encoder
 
 logger = logging.getLogger(__name__)

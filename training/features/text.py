@@ -14,11 +14,8 @@ anything that changes the output (package version, truncation) must be in one of
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import re
 from collections.abc import Iterator, Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -27,6 +24,7 @@ import numpy as np
 from karma.config import FeatureConfig
 from karma.errors import KarmaError
 from karma.progress import progress_bar
+from karma.text_features import HashingTextEncoder as _HashingTextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -169,59 +167,13 @@ class MiniLMTextEncoder:
         return out
 
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-@lru_cache(maxsize=1 << 20)
-def _bucket(token: str, dim: int) -> tuple[int, float]:
-    """Stable (bucket, sign) of one token; cached because catalog vocabularies repeat heavily."""
-    digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8, person=b"karma-text").digest()
-    value = int.from_bytes(digest, "little")
-    return value % dim, (1.0 if (value >> 63) & 1 == 0 else -1.0)
-
-
-class HashingTextEncoder:
-    """Signed feature hashing of lowercased word unigrams and character trigrams, L2-normalised.
-
-    Needs no weights and is identical across processes and machines (blake2b, never `hash()`,
-    which is salted per process). Texts that share words or word pieces get similar vectors; an
-    empty text maps to the zero vector.
-    """
-
-    version = "blake2b-signed;words+char3;v1"
-
-    def __init__(self, dim: int = 128) -> None:
-        if dim < 1:
-            raise ValueError(f"hashing dim must be positive, got {dim}")
-        self.dim = dim
-        self.name = f"text:hashing-{dim}"
+class HashingTextEncoder(_HashingTextEncoder):
+    """`karma.text_features.HashingTextEncoder` (the one implementation: the service featurises live items
+    with it) plus the config constructor training uses."""
 
     @classmethod
     def from_config(cls, config: FeatureConfig) -> HashingTextEncoder:
         return cls(dim=config.hashing_dim)
-
-    @staticmethod
-    def tokens(text: str) -> list[str]:
-        """The hashed features of `text`: 'w:<word>' per word and 'c:<tri>' per trigram of ' word '."""
-        words = _WORD.findall(text.lower())
-        feats = [f"w:{w}" for w in words]
-        for w in words:
-            padded = f" {w} "
-            feats.extend(f"c:{padded[i : i + 3]}" for i in range(len(padded) - 2))
-        return feats
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """(len(texts), dim) float32; unit rows except for texts with no word characters (zeros)."""
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            vec = out[row]
-            for token in self.tokens(text):
-                bucket, sign = _bucket(token, self.dim)
-                vec[bucket] += sign
-            norm = float(np.linalg.norm(vec))
-            if norm > 0:
-                vec /= norm
-        return out
 
 
 def make_text_encoder(config: FeatureConfig, progress: bool = True) -> MiniLMTextEncoder | HashingTextEncoder:
