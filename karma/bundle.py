@@ -337,7 +337,7 @@ def open_text_encoder(directory: Path, info: TextEncoderInfo, intra_op_threads: 
     from karma.text_features import TEXT_ENCODER_FILE, HashingTextEncoder, OnnxTextEncoder
 
     if info.kind == "hashing":
-        encoder: Any = HashingTextEncoder(info.dim)
+        encoder: Any = HashingTextEncoder(info.dim, cached=False)
     else:
         session = open_session(Path(directory) / TEXT_ENCODER_FILE, None, intra_op_threads, 1)
         encoder = OnnxTextEncoder(directory, session, info.block, info.dim, info.max_tokens or 64)

@@ -45,12 +45,14 @@ def join_item_text(fields: Sequence[str], values: Sequence[str]) -> str:
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
-@lru_cache(maxsize=1 << 20)
-def _bucket(token: str, dim: int) -> tuple[int, float]:
-    """Stable (bucket, sign) of one token; cached because catalog vocabularies repeat heavily."""
+def _bucket_of(token: str, dim: int) -> tuple[int, float]:
+    """Stable (bucket, sign) of one token."""
     digest = hashlib.blake2b(token.encode("utf-8", "surrogatepass"), digest_size=8, person=b"karma-text").digest()
     value = int.from_bytes(digest, "little")
     return value % dim, (1.0 if (value >> 63) & 1 == 0 else -1.0)
+
+
+_bucket = lru_cache(maxsize=1 << 20)(_bucket_of)  # catalog vocabularies repeat heavily (training)
 
 
 class HashingTextEncoder:
@@ -63,11 +65,14 @@ class HashingTextEncoder:
 
     version = "blake2b-signed;words+char3;v1"
 
-    def __init__(self, dim: int = 128) -> None:
+    def __init__(self, dim: int = 128, cached: bool = True) -> None:
+        """`cached`: memoise token buckets (training's catalogs); the service passes False, so client text
+        cannot grow a cache."""
         if dim < 1:
             raise ValueError(f"hashing dim must be positive, got {dim}")
         self.dim = dim
         self.name = f"text:hashing-{dim}"
+        self._bucket = _bucket if cached else _bucket_of
 
     @staticmethod
     def tokens(text: str) -> list[str]:
@@ -85,7 +90,7 @@ class HashingTextEncoder:
         for row, text in enumerate(texts):
             vec = out[row]
             for token in self.tokens(text):
-                bucket, sign = _bucket(token, self.dim)
+                bucket, sign = self._bucket(token, self.dim)
                 vec[bucket] += sign
             norm = float(np.linalg.norm(vec))
             if norm > 0:

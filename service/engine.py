@@ -46,6 +46,14 @@ class Job:
     enqueued: float = 0.0  # perf_counter at submit
 
 
+class BadItems(KarmaError):
+    """Items the bundle cannot index (a 422): `field` names the request field at fault."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass
 class NewItem:
     """One item of a POST /items body, validated."""
@@ -350,6 +358,13 @@ class Engine:
         computed beforehand off the encode thread (text encoding is the slow part; searches must not wait on it)."""
         features, id_rows = inputs if inputs is not None else self.item_inputs(items)
         vectors = self.sessions.encode_items(features, id_rows)
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        if len(bad):  # e.g. visual values too large for the tower: never index a vector no search can rank
+            raise BadItems(
+                f"item {items[bad[0]].item_id!r}: the item encoder gives a non-finite vector for it "
+                "(visual values far outside what training saw?)",
+                "items",
+            )
         created = [item.item_id not in self.row_of for item in items]
         if rows is None:
             fresh: dict[str, int] = {}
@@ -418,6 +433,9 @@ class Engine:
                 # FAISS pads with -1 when it finds fewer than asked; a shared index (Milvus) may hold rows this
                 # replica has not heard of yet (another replica's upsert, a moment ago): neither is an answer
                 keep = (rows[at] >= 0) & (rows[at] < self.catalog.size)
+                deleted = self.catalog.deleted_rows  # deleted items, and rows not heard of yet (a shared index)
+                if len(deleted):
+                    keep &= ~np.isin(rows[at], deleted)
                 if len(job.exclude):
                     keep &= ~np.isin(rows[at], job.exclude)
                 kept = np.flatnonzero(keep)[: job.k]

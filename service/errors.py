@@ -11,7 +11,7 @@
 | 422 | `invalid_json` | malformed JSON, a body that is not UTF-8, or JSON nested too deeply to parse |
 | 422 | `validation_error` | wrong types, missing fields, `k` out of range, junk in a query, nothing to search with |
 | 404 | `item_not_found` | `DELETE /items/{item_id}` of an item not served (or already deleted) |
-| 409 | `reload_in_progress` | `/admin/reload` while another reload runs |
+| 409 | `reload_in_progress` | `/admin/reload` while another runs; `/items` changes a reload overtook (resend) |
 | 409 | `items_not_supported` | `POST /items` on a bundle exported without its text encoder (`--no-text-encoder`) |
 | 422 | `unknown_items` | an `/events` or `/embed` item not in the bundle; a history with no known item and no query |
 | 422 | `no_history` | a search or embedding by `user_id` alone, and the user has no stored history |

@@ -60,24 +60,42 @@ class FaissBackend:
         self.index_type = index_type
         self.n_base = int(index.ntotal)
         dim = int(embeddings.shape[1]) if embeddings.ndim == 2 else int(index.d)
-        # (live rows, their vectors, bundle rows hidden from the index): replaced as a whole by each change
-        self._delta: tuple[np.ndarray, np.ndarray, np.ndarray] = (
-            np.zeros(0, np.int64),
-            np.zeros((0, dim), np.float32),
-            np.zeros(0, np.int64),
-        )
+        # The delta (every call runs on the encode thread, so it is plain mutable state): live rows and their
+        # vectors in slots 0..n-1 of growing arrays, a row -> slot map, and the bundle rows hidden from the index.
+        self._rows = np.zeros(0, np.int64)
+        self._vectors = np.zeros((0, dim), np.float32)
+        self._n = 0
+        self._slot_of: dict[int, int] = {}
+        self._hidden: set[int] = set()
+        self._hidden_rows = np.zeros(0, np.int64)
+
+    @property
+    def _delta(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._rows[: self._n], self._vectors[: self._n], self._hidden_rows
+
+    def _hide(self, rows: np.ndarray) -> None:
+        base = [int(r) for r in rows if r < self.n_base and int(r) not in self._hidden]
+        if base:
+            self._hidden.update(base)
+            self._hidden_rows = np.fromiter(sorted(self._hidden), dtype=np.int64, count=len(self._hidden))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         rows_live, vectors_live, hidden = self._delta
         if not len(rows_live) and not len(hidden):
             return search_top_k(self.index, self.embeddings, queries, k, self.rerank_factor)
-        # the index may return hidden rows: ask for that many more, then drop them
-        scores, rows = search_top_k(self.index, self.embeddings, queries, min(k + len(hidden), self.n_base),
-                                    self.rerank_factor)  # fmt: skip
-        if len(hidden):
+        # The index may return hidden rows: ask for a few more (never more than 2k + 64 at first, however many
+        # rows are hidden), drop them, and ask again with twice as many while a query is left short of k.
+        want = min(k + min(len(hidden), k + 64), self.n_base)
+        while True:
+            scores, rows = search_top_k(self.index, self.embeddings, queries, want, self.rerank_factor)
+            if not len(hidden):
+                break
             gone = np.isin(rows, hidden)
             scores = np.where(gone, -np.inf, scores)
             rows = np.where(gone, -1, rows)
+            if want >= self.n_base or int((rows >= 0).sum(axis=1).min()) >= min(k, self.n_base - len(hidden)):
+                break
+            want = min(2 * want, self.n_base)
         if len(rows_live):
             live_scores = (np.ascontiguousarray(queries, dtype=np.float32) @ vectors_live.T).astype(np.float32)
             live_rows = np.broadcast_to(rows_live, live_scores.shape)
@@ -98,21 +116,41 @@ class FaissBackend:
         return top_scores, top_rows
 
     def upsert(self, rows: Sequence[int], vectors: np.ndarray) -> None:
-        """Rows past the bundle's join the delta; a bundle row is hidden from the index and its new vector joins it."""
-        rows_live, vectors_live, hidden = self._delta
+        """Rows past the bundle's join the delta; a bundle row is hidden from the index and its new vector joins
+        it. O(rows written): the arrays grow by doubling, nothing is copied per call."""
         rows = np.asarray(list(rows), dtype=np.int64)
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        keep = ~np.isin(rows_live, rows)
-        rows_live = np.concatenate([rows_live[keep], rows])
-        vectors_live = np.concatenate([vectors_live[keep], vectors])
-        hidden = np.union1d(hidden, rows[rows < self.n_base])
-        self._delta = (rows_live, vectors_live, hidden)
+        fresh = sum(1 for r in dict.fromkeys(rows.tolist()) if r not in self._slot_of)
+        if self._n + fresh > len(self._rows):
+            size = max(16, 2 * (self._n + fresh))
+            grown_rows = np.zeros(size, np.int64)
+            grown_rows[: self._n] = self._rows[: self._n]
+            grown_vectors = np.zeros((size, self._vectors.shape[1]), np.float32)
+            grown_vectors[: self._n] = self._vectors[: self._n]
+            self._rows, self._vectors = grown_rows, grown_vectors
+        for row, vector in zip(rows.tolist(), vectors, strict=True):
+            slot = self._slot_of.get(row)
+            if slot is None:
+                slot = self._slot_of[row] = self._n
+                self._rows[slot] = row
+                self._n += 1
+            self._vectors[slot] = vector
+        self._hide(rows)
 
     def delete(self, rows: Sequence[int]) -> None:
-        rows_live, vectors_live, hidden = self._delta
+        """Live rows leave the delta (the last slot moves into the hole); bundle rows are hidden from the index."""
         rows = np.asarray(list(rows), dtype=np.int64)
-        keep = ~np.isin(rows_live, rows)
-        self._delta = (rows_live[keep], vectors_live[keep], np.union1d(hidden, rows[rows < self.n_base]))
+        for row in rows.tolist():
+            slot = self._slot_of.pop(row, None)
+            if slot is None:
+                continue
+            last = self._n - 1
+            if slot != last:
+                moved = int(self._rows[last])
+                self._rows[slot], self._vectors[slot] = moved, self._vectors[last]
+                self._slot_of[moved] = slot
+            self._n = last
+        self._hide(rows)
 
     def count(self) -> int:
         rows_live, _, hidden = self._delta
@@ -187,10 +225,13 @@ class MilvusBackend:
                 raise KarmaError(f"Milvus collection {self.collection} holds {dim}-d vectors, the bundle {self.dim}-d")
             client.load_collection(self.collection)
             # a fill that stopped midway left no marker; a complete one may hold fewer rows (items deleted live)
-            if not client.has_collection(self.filled_marker) and self.count() < len(embeddings):
-                log.warning("Milvus collection %s is short of the bundle's %d items: topping it up", self.collection,
-                            len(embeddings))  # fmt: skip
-                wrote = True
+            if not client.has_collection(self.filled_marker):
+                if self.count() < len(embeddings):
+                    log.warning("Milvus collection %s is short of the bundle's %d items: topping it up",
+                                self.collection, len(embeddings))  # fmt: skip
+                    wrote = True
+                else:  # complete (filled before the marker existed): mark it, so live deletes are never undone
+                    client.create_collection(self.filled_marker, dimension=2)
         else:
             schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("row", DataType.INT64, is_primary=True)

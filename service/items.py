@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from starlette.responses import Response
 
 from service.admin import ADMIN_RESPONSES, require_admin
-from service.engine import Engine, NewItem
+from service.engine import BadItems, Engine, NewItem
 from service.errors import ErrorType, ServiceError, domain_error
 from service.history import RedisUnavailable
 from service.index import IndexUnavailable
@@ -54,6 +54,19 @@ def _where(shared: bool) -> str:
     if shared:
         return "in the shared index: every replica serves it, and restarts keep it"
     return "in this replica's memory only: other replicas do not see it, and a restart or reload loses it"
+
+
+def _check_not_reloaded(svc: ServiceState, engine: Engine) -> None:
+    """A change written into an engine that a reload replaced meanwhile is not served: say so (409), never 200.
+    (A shared index of the same model is fine: the new engine replays the change from the registry.)"""
+    now = svc.engine
+    if now is engine or (now is not None and engine.index.shared and now.model_version == engine.model_version):
+        return
+    raise ServiceError(
+        ErrorType.RELOAD_IN_PROGRESS,
+        f"the served bundle was reloaded (to {now.model_version if now else 'none'}) while this change was "
+        f"written into {engine.model_version}: send it again",
+    )
 
 
 def new_items(engine: Engine, bodies: list[NewItemBody], limit: int) -> list[NewItem]:
@@ -120,8 +133,11 @@ async def upsert_items(body: ItemsRequest, request: Request) -> Response:
             result = await svc.registry.upsert(engine, batcher, items, inputs)
         else:
             result = await batcher.run_in_worker(lambda: engine.upsert_items(items, None, inputs))
+    except BadItems as exc:
+        raise ServiceError(ErrorType.VALIDATION_ERROR, str(exc), exc.field) from None
     except (IndexUnavailable, RedisUnavailable) as exc:
         raise domain_error(exc, svc.config.retry_after_s) from None
+    _check_not_reloaded(svc, engine)
     elapsed = time.perf_counter() - started
     created = sum(c for _, c in result)
     svc.metrics.items_changed.labels(op="added").inc(created)
@@ -159,6 +175,7 @@ async def delete_item(item_id: ItemIdPath, request: Request) -> Response:
             row = await batcher.run_in_worker(lambda: engine.delete_item(item_id))
     except (IndexUnavailable, RedisUnavailable) as exc:
         raise domain_error(exc, svc.config.retry_after_s) from None
+    _check_not_reloaded(svc, engine)
     if row is None:
         raise ServiceError(ErrorType.ITEM_NOT_FOUND, f"item {item_id!r} is not served", "item_id")
     svc.metrics.items_changed.labels(op="deleted").inc()

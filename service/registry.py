@@ -39,7 +39,9 @@ log = logging.getLogger("karma.service")
 
 # KEYS[1] id -> row hash, KEYS[2] next-row counter; ARGV[1] the bundle's item count, ARGV[2..] item ids.
 _ALLOCATE = """
-if redis.call('EXISTS', KEYS[2]) == 0 then redis.call('SET', KEYS[2], ARGV[1]) end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], tonumber(ARGV[1]) + redis.call('HLEN', KEYS[1]))
+end
 local rows = {}
 for i = 2, #ARGV do
   local row = redis.call('HGET', KEYS[1], ARGV[i])
@@ -69,12 +71,13 @@ class ItemRegistry:
             socket_timeout=FOLLOW_BLOCK_MS / 1000 + store.timeout_s,
             socket_connect_timeout=store.timeout_s,
         )
-        self.replica = uuid.uuid4().hex  # changes this replica wrote are already applied here
+        self.replica = uuid.uuid4().hex  # names the writer in each record (for people reading the stream)
         self._allocate = self.client.register_script(_ALLOCATE)
         self._task: asyncio.Task[None] | None = None
         self.last_id = "0"
         self._log_key = ""
         self.applied = 0
+        self.skipped = 0  # entries that could not be applied (logged)
 
     def _keys(self, engine: Engine) -> tuple[str, str, str]:
         base = f"{self.store.key_prefix}items:{engine.index.describe().get('collection', engine.model_version)}"
@@ -153,14 +156,26 @@ class ItemRegistry:
         return answer[0][1] if answer else []
 
     async def _apply_batch(self, engine: Engine, batcher: MicroBatcher, entries: list[Any]) -> None:
+        """Apply stream entries in order (encode thread). Every entry is applied, this replica's own too: a record
+        is idempotent, and a reload must see what the replica wrote before it. An entry that cannot be applied is
+        logged and skipped, so one bad record never stops a replica from following the rest."""
+
         def apply() -> None:
-            for _, fields in entries:
-                if fields.get(b"replica", b"").decode() != self.replica:
+            for entry_id, fields in entries:
+                try:
                     self._apply(engine, fields)
                     self.applied += 1
+                except Exception as exc:
+                    self.skipped += 1
+                    log.error("live item registry: entry %s not applied (%s: %s)", entry_id, type(exc).__name__, exc)
 
         await batcher.run_in_worker(apply)
         self.last_id = entries[-1][0].decode()
+
+    def restart(self) -> None:
+        """Read the log from its start again (a new engine: its catalog holds none of it yet)."""
+        self.stop()
+        self.last_id, self._log_key = "0", ""
 
     async def catch_up(self, engine: Engine, batcher: MicroBatcher) -> int:
         """Apply every change recorded so far; the number of entries read."""

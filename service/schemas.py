@@ -388,7 +388,7 @@ class OpenAIEmbeddingsRequest(BaseModel):
     ] = Field(description="One query or a list of queries (at most serve.max_batch_inputs), none blank.")
     model: str | None = Field(None, max_length=MAX_ID_CHARS, description="Accepted and ignored (one model is served).")
     encoding_format: EncodingFormat = Field("float", description="`float` or `base64` (little-endian float32).")
-    dimensions: StrictInt | None = Field(None, ge=1, description="Must equal the served dimension when given.")
+    dimensions: K | None = Field(None, description="Must equal the served dimension (else 422 unsupported_dimensions).")
     user: UserId | None = Field(None, description="User id whose stored click history conditions h_t.")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_openai_examples)
@@ -505,6 +505,8 @@ def _finite(values: list[float] | None) -> list[float] | None:
 
 
 ItemText = Annotated[str, Field(max_length=MAX_ITEM_TEXT_CHARS, json_schema_extra={"pattern": TEXT_PATTERN})]
+MAX_VISUAL_VALUE = 1e6  # frozen visual vectors are unit-scale; far larger values would overflow the item tower
+VisualValue = Annotated[float, Field(ge=-MAX_VISUAL_VALUE, le=MAX_VISUAL_VALUE)]
 
 
 class NewItemBody(_Strict):
@@ -517,7 +519,7 @@ class NewItemBody(_Strict):
             '{"title": ..., "genres": ...}; this schema lists the served ones), or one string taken as the first field.'
         )
     )
-    visual: list[float] | None = Field(
+    visual: list[VisualValue] | None = Field(
         None,
         max_length=MAX_VISUAL_DIM,
         description="The item's frozen visual vector, when the bundle has a visual block (`/info` "

@@ -134,8 +134,8 @@ class ServiceState:
         )
 
     async def _follow_registry(self, engine: Engine, batcher: MicroBatcher) -> None:
-        """Shared index: apply the live items other replicas added (before serving), then follow their changes."""
-        self.registry.stop()
+        """Shared index: apply the live items recorded so far (before serving), then follow new changes."""
+        self.registry.restart()
         if not engine.index.shared:
             return
         try:

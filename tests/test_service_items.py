@@ -87,6 +87,20 @@ def test_a_new_item_is_featurised_like_training_scored_from_content_found_replac
             assert found.index("new-1") == rank or abs(scores[rank] - scores[found.index("new-1")]) < 1e-5
             np.testing.assert_allclose([i["score"] for i in r.json()["items"]], scores[:k], atol=1e-5)
 
+            # a copy of a bundle item's text and visual vector under a new id gets exactly the features export
+            # wrote for that item (training's own feature pipeline), and the cold path's vector
+            source = 7
+            row_item = bundle.items.iloc[source]
+            m = bundle.manifest
+            copy_text = {f: str(row_item[f]) for f in m.item_text_fields if row_item[f] is not None}
+            copy_visual = np.asarray(bundle.item_features[source, m.layout.slice_of(m.layout.blocks[1].name)])
+            r = await client.post("/items", json={"items": [{"item_id": "copy-7", "text": copy_text,
+                                  "visual": copy_visual.tolist()}]}, headers=AUTH)  # fmt: skip
+            copy_row = r.json()["items"][0]["row"]
+            np.testing.assert_allclose(engine.catalog.features[np.array([copy_row])][0], bundle.item_features[source],
+                                       atol=1e-6)  # fmt: skip
+            assert (await client.delete("/items/copy-7", headers=AUTH)).status_code == 200
+
             # a history holding the new item is featurised with its features
             r = await client.post("/embed", json={"inputs": [{"history": ["new-1"]}]})
             features = np.concatenate([np.asarray(bundle.item_features), expected_features[None]])
@@ -119,9 +133,9 @@ def test_a_new_item_is_featurised_like_training_scored_from_content_found_replac
             assert_error(await client.delete("/items/new-1", headers=AUTH), 404, "item_not_found", "item_id")
             assert (await client.get("/readyz")).status_code == 200
             items = (await client.get("/info")).json()["items"]
-            assert items["added_live"] == 1 and items["deleted"] == 1 and items["replaced_live"] == 1
+            assert items["added_live"] == 2 and items["deleted"] == 2 and items["replaced_live"] == 1
             metrics = (await client.get("/metrics")).text
-            assert 'karma_items_changed_total{op="added"} 1.0' in metrics
+            assert 'karma_items_changed_total{op="added"} 2.0' in metrics
 
         async with serving(bundle_dir, prefix, admin_api_key=KEY) as (_, client):  # FAISS: a restart loses it
             r = await client.post("/search", json={"history": ["new-1"], "query": "x", "k": 3})
@@ -139,6 +153,7 @@ def test_bad_item_bodies_get_typed_4xx_naming_the_field(bundle_dir: Path, prefix
     resign_bundle(fixed)
 
     async def scenario() -> None:
+        width = read_manifest(bundle_dir).layout.blocks[1].dim
         async with serving(bundle_dir, prefix, admin_api_key=KEY, max_upsert_items=2) as (_, client):
             one = {"item_id": "n1", "text": "lamp"}
             assert_error(await client.post("/items", json={"items": [one]}), 401, "unauthorized")
@@ -148,6 +163,7 @@ def test_bad_item_bodies_get_typed_4xx_naming_the_field(bundle_dir: Path, prefix
                 ({"items": [{"item_id": "n1", "text": {"colour": "red"}}]}, "items[0].text.colour"),
                 ({"items": [{"item_id": "n1", "text": "a", "visual": [0.5, 1.0]}]}, "items[0].visual"),
                 ({"items": [{"item_id": "n1", "text": "bad \u0007 bell"}]}, None),
+                ({"items": [{"item_id": "n1", "text": "a", "visual": [1e39] * width}]}, None),  # over the bound
                 ({"items": [{"item_id": " ", "text": "a"}]}, None),
                 ({"items": [{"item_id": "n1"}]}, None),
                 ({"items": [{"item_id": "n1", "text": "a", "price": 3}]}, None),
@@ -216,6 +232,9 @@ def test_with_milvus_a_second_replica_serves_the_item_and_a_restart_keeps_it(
                 return await finds(b)
 
             assert await until(b_finds)
+            # a reload (same bundle, a new engine) replays the registry: A still serves its own item
+            assert (await a.post("/admin/reload", headers=AUTH)).status_code == 200
+            assert await finds(a)
             # B deletes it; A stops finding it
             assert (await b.delete("/items/shared-1", headers=AUTH)).status_code == 200
 
@@ -232,3 +251,34 @@ def test_with_milvus_a_second_replica_serves_the_item_and_a_restart_keeps_it(
             assert (await c.get("/readyz")).status_code == 200
 
     run(scenario())
+
+
+def test_the_faiss_delta_ranks_like_brute_force_with_more_hidden_rows_than_k(reference: dict[str, Any]) -> None:
+    from service.index import FaissBackend
+
+    bundle = reference["bundle"]
+    embeddings = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)
+    backend = FaissBackend(bundle.index, embeddings)
+    rng = np.random.default_rng(1)
+    queries = rng.standard_normal((4, embeddings.shape[1])).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    hidden = np.argsort(-(embeddings @ queries[0]))[:300]  # the 300 best rows of query 0: far more than k
+    backend.delete(hidden[:200])
+    n = len(embeddings)
+    replaced = rng.standard_normal((100, embeddings.shape[1])).astype(np.float32)
+    backend.upsert(hidden[200:], replaced)  # bundle rows with new vectors
+    extra = rng.standard_normal((50, embeddings.shape[1])).astype(np.float32)
+    backend.upsert(range(n, n + 50), extra)  # new rows
+    truth = np.concatenate([embeddings, extra])
+    truth[hidden[200:]] = replaced
+    alive = np.ones(len(truth), dtype=bool)
+    alive[hidden[:200]] = False
+    for k in (1, 10, 100):
+        scores, rows = backend.search(queries, k)
+        for q in range(len(queries)):
+            expected = truth @ queries[q]
+            expected[~alive] = -np.inf
+            order = np.argsort(-expected, kind="stable")[:k]
+            np.testing.assert_allclose(scores[q], expected[order], atol=1e-5)
+            assert set(rows[q]) == set(order) or np.ptp(expected[order][-2:]) < 1e-5
+    assert backend.count() == n - 200 + 50
