@@ -528,6 +528,16 @@ class ServeConfig(StrictModel):
         le=1000,
         description="Most items in one POST /items (each runs the text and item encoders on the encode thread).",
     )
+    h_cache_entries: int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description=(
+            "h_t cache size (0 = off): an LRU keyed by (query, the history rows the model reads), so a user "
+            "without a new click skips the encoder; a click is a new key, a reload a new cache, items changed "
+            "live clear it. Costs ~embed_dim x 4 B + the key per entry."
+        ),
+    )
     tracing: bool = Field(
         False,
         description=(

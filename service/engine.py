@@ -26,6 +26,7 @@ from karma.featurize import query_encoder_feeds
 from karma.hashed_id import hashed_id_buckets
 from karma.text_features import item_texts
 from service.catalog import LiveCatalog
+from service.hcache import HCache
 from service.index import FaissBackend, IndexBackend
 from service.loadguard import LoadGuard, LoadStopped
 
@@ -161,6 +162,7 @@ class Engine:
         self.index_device = "cpu"  # "cuda" once `load` has moved the index to the GPU
         self.rerank_factor = 1  # `load` sets serve.rerank_factor for approximate indexes
         self.index: IndexBackend = FaissBackend(bundle.index, self._embeddings)  # `load`/`prepare` may replace it
+        self.h_cache: HCache | None = None  # serve.h_cache_entries > 0: set by the service once the engine is ready
         self.run_options: Any = None  # an ort.RunOptions while a LoadGuard watches the probe and warm-up
         self._gpu_resources: Any = None
         if self._needs_buckets and self.catalog.id_rows is None:
@@ -376,6 +378,8 @@ class Engine:
                 rows.append(row)
         self.index.upsert(rows, vectors)
         self.catalog.put(rows, [i.item_id for i in items], [i.title for i in items], features, id_rows, vectors)
+        if self.h_cache is not None:  # a replaced item's features change h_t of every history holding it
+            self.h_cache.clear()
         return list(zip(rows, created, strict=True))
 
     def close(self) -> None:
@@ -387,6 +391,8 @@ class Engine:
                     vectors: np.ndarray) -> None:  # fmt: skip
         """Record items another replica indexed (shared backend): the catalog only, the index has them."""
         self.catalog.put(rows, [i.item_id for i in items], [i.title for i in items], features, id_rows, vectors)
+        if self.h_cache is not None:
+            self.h_cache.clear()
 
     def delete_item(self, item_id: str) -> int | None:
         """Remove an item from the index (its row and features stay, for histories); its row, None if unknown."""
@@ -416,10 +422,28 @@ class Engine:
 
     def run_batch(self, jobs: list[Job]) -> list[JobResult]:
         started = time.perf_counter()
-        query_lengths: list[int] = []
-        feeds = self.feeds([j.query for j in jobs], [j.history for j in jobs], query_lengths)
+        query_lengths = [0] * len(jobs)
+        cache = self.h_cache
+        misses = list(range(len(jobs)))
+        h = np.empty((len(jobs), self.embed_dim), dtype=np.float32)
+        if cache is not None:  # hot users without a new click: their h_t as the encoder gave it last time
+            misses = []
+            for i, job in enumerate(jobs):
+                hit = cache.get(job.query, job.history)
+                if hit is None:
+                    misses.append(i)
+                else:
+                    h[i], query_lengths[i] = hit
+        lengths: list[int] = []
+        if misses:
+            feeds = self.feeds([jobs[i].query for i in misses], [jobs[i].history for i in misses], lengths)
         featurized = time.perf_counter()
-        h = self.sessions.encode_query(feeds, self.run_options)
+        if misses:
+            h[misses] = self.sessions.encode_query(feeds, self.run_options)
+            for at, i in enumerate(misses):
+                query_lengths[i] = lengths[at]
+                if cache is not None:
+                    cache.put(jobs[i].query, jobs[i].history, h[i], lengths[at])
         encoded = time.perf_counter()
         results: list[JobResult] = [None] * len(jobs)  # type: ignore[list-item]  # each job is in one group
         for i, job in enumerate(jobs):

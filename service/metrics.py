@@ -81,6 +81,12 @@ class Metrics:
             "By-user searches answered from the query alone because the stored history could not be read.",
             registry=r,
         )
+        self.h_cache = Counter(
+            "karma_h_cache_lookups_total",
+            "h_t cache lookups (serve.h_cache_entries > 0) by result: hit (the encoder was skipped) or miss.",
+            ["result"],
+            registry=r,
+        )
         self.items_changed = Counter(
             "karma_items_changed_total",
             "Items changed live by op: added (POST /items, new id), replaced (an id already served), deleted.",

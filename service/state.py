@@ -24,6 +24,7 @@ from karma.errors import KarmaError
 from service.batching import MicroBatcher
 from service.engine import Engine, select_providers
 from service.errors import ErrorType, ServiceError
+from service.hcache import HCache
 from service.history import HistoryStore, RedisUnavailable
 from service.index import MilvusBackend, collection_name
 from service.loadguard import LoadGuard, run_in_daemon_thread
@@ -171,6 +172,11 @@ class ServiceState:
 
     def _install(self, engine: Engine, directory: Path) -> None:
         """Make `engine` the one new requests get (no await inside: atomic for the event loop)."""
+        if self.config.h_cache_entries > 0:  # a new engine, a new (empty) cache: the model changed
+            counter = self.metrics.h_cache
+            engine.h_cache = HCache(
+                self.config.h_cache_entries, lambda hit: counter.labels("hit" if hit else "miss").inc()
+            )
         self.engine = engine
         self.bundle_path = directory
         if engine.max_history > self.config.history_max_events:
@@ -421,6 +427,7 @@ class ServiceState:
                         "max_upsert_items": config.max_upsert_items,
                         **engine.catalog.describe(),
                     },
+                    "h_cache": engine.h_cache.describe() if engine.h_cache is not None else None,
                 }
             )
         return out

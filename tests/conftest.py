@@ -80,6 +80,7 @@ TIERS = {
             "service",
             "service_batch_embed",
             "service_hardening",
+            "service_hcache",
             "service_items",
             "service_milvus",
             "service_overload",
