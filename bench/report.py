@@ -12,6 +12,16 @@ from karma.jsonable import to_jsonable
 SLO_TARGETS = {"ratio_band": 0.05, "throughput_ratio": 3.0}
 
 
+def save_report(report: dict[str, Any], out: Path) -> None:
+    """A benchmark script's ending: the machine line (report["machine"]), the JSON written, where it went."""
+    from karma.machine import machine_line
+
+    print(machine_line(report["machine"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(to_jsonable(report), indent=2))
+    print(f"wrote {out}")
+
+
 def _f(x: Any, digits: int = 1) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"

@@ -24,7 +24,8 @@ from typing import Any
 
 import httpx
 
-from karma.machine import machine, machine_line
+from bench.report import save_report
+from karma.machine import machine
 from service.launcher import karma_serve
 
 
@@ -70,10 +71,7 @@ def main() -> None:
         print(f"h_cache_entries={entries}: {json.dumps(info.get('h_cache'))}")
         for name, row in stats.items():
             print(f"  {name:<22} {row}")
-    print(machine_line(report["machine"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":

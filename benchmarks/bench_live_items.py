@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 import uuid
@@ -29,9 +28,10 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.report import save_report
 from karma.bundle import load_bundle
 from karma.config import ServeConfig
-from karma.machine import machine, machine_line
+from karma.machine import machine
 from service.app import create_app
 
 KEY = "bench-live-items-admin-key"
@@ -184,10 +184,7 @@ def main() -> None:
     args = parser.parse_args()
     report = asyncio.run(run(args))
     report["faiss_delta_search_ms"] = delta_search_cost(args.bundle)
-    print(machine_line(report["machine"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    save_report(report, args.out)
 
 
 if __name__ == "__main__":
