@@ -40,6 +40,8 @@ def _export_minilm(model_dir: Path, staging: Path, opset: int = 17) -> None:
     import torch
     from transformers import AutoModel
 
+    from training.features.text import mean_pooled_unit
+
     model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
 
     class Pooled(torch.nn.Module):
@@ -50,10 +52,7 @@ def _export_minilm(model_dir: Path, staging: Path, opset: int = 17) -> None:
             self.bert = bert
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+            return mean_pooled_unit(self.bert(input_ids=input_ids, attention_mask=attention_mask)[0], attention_mask)
 
     ids = torch.ones((2, 8), dtype=torch.int64)
     mask = torch.ones((2, 8), dtype=torch.int64)

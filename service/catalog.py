@@ -136,7 +136,7 @@ class LiveCatalog:
         self.embeddings.set_rows(rows, vectors)
         for row, item, title in zip(rows, item_ids, titles, strict=True):
             while row > len(self.item_ids):  # another replica's row not heard of yet (shared index): a gap
-                self._deleted_add(len(self.item_ids))
+                self.deleted.add(len(self.item_ids))
                 self.item_ids.append(GAP)
                 if self.titles is not None:
                     self.titles.append(None)
@@ -152,19 +152,15 @@ class LiveCatalog:
             if row < self.n_base:
                 self.replaced_rows.add(row)
             self.row_of[item] = row
-            self._deleted_discard(row)
+            self.deleted.discard(row)
+        self._publish_deleted()
 
     def delete(self, row: int) -> None:
-        self._deleted_add(row)
-
-    def _deleted_add(self, row: int) -> None:
         self.deleted.add(row)
-        self.deleted_rows = np.fromiter(sorted(self.deleted), dtype=np.int64, count=len(self.deleted))
+        self._publish_deleted()
 
-    def _deleted_discard(self, row: int) -> None:
-        if row in self.deleted:
-            self.deleted.discard(row)
-            self.deleted_rows = np.fromiter(sorted(self.deleted), dtype=np.int64, count=len(self.deleted))
+    def _publish_deleted(self) -> None:
+        self.deleted_rows = np.fromiter(sorted(self.deleted), dtype=np.int64, count=len(self.deleted))
 
     def describe(self) -> dict[str, int]:
         gaps = sum(1 for row in self.deleted if self.item_ids[row] == GAP)

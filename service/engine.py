@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from karma.bundle import Bundle, EncoderSessions, load_bundle, open_text_encoder, read_manifest
+from karma.contracts import FeatureBlock
 from karma.errors import KarmaError
 from karma.featurize import query_encoder_feeds
 from karma.hashed_id import hashed_id_buckets
@@ -302,11 +303,16 @@ class Engine:
         return self.manifest.text_encoder is not None
 
     @property
+    def visual_block(self) -> FeatureBlock | None:
+        """The one non-text feature block a new item's `visual` vector fills (None: there is none, or several)."""
+        text = self.manifest.text_encoder
+        others = [b for b in self.manifest.layout.blocks if text is None or b.name != text.block]
+        return others[0] if len(others) == 1 else None
+
+    @property
     def visual_dim(self) -> int | None:
-        """Width of the one non-text feature block a new item's `visual` vector fills (None: there is none)."""
-        others = [b for b in self.manifest.layout.blocks if self.manifest.text_encoder is None
-                  or b.name != self.manifest.text_encoder.block]  # fmt: skip
-        return others[0].dim if len(others) == 1 else None
+        block = self.visual_block
+        return None if block is None else block.dim
 
     async def featurise_items(self, items: list[NewItem]) -> tuple[np.ndarray, np.ndarray | None]:
         """`item_inputs` on this engine's item thread: text encoding (MiniLM: ms per item) never holds up the
@@ -334,10 +340,10 @@ class Engine:
         text = self._text_encoder.encode(item_texts(fields, [item.text for item in items]))
         features = np.zeros((len(items), layout.dim), dtype=np.float32)
         features[:, layout.slice_of(info.block)] = text
-        visual = [b for b in layout.blocks if b.name != info.block]
+        visual = self.visual_block
         for i, item in enumerate(items):
-            if item.visual is not None and len(visual) == 1:
-                features[i, layout.slice_of(visual[0].name)] = item.visual
+            if item.visual is not None and visual is not None:
+                features[i, layout.slice_of(visual.name)] = item.visual
         if layout.id_buckets == 0:
             return features, None
         if layout.id_scheme == "exact":
@@ -377,9 +383,7 @@ class Engine:
                     row = fresh.setdefault(item.item_id, self.catalog.size + len(fresh))
                 rows.append(row)
         self.index.upsert(rows, vectors)
-        self.catalog.put(rows, [i.item_id for i in items], [i.title for i in items], features, id_rows, vectors)
-        if self.h_cache is not None:  # a replaced item's features change h_t of every history holding it
-            self.h_cache.clear()
+        self.apply_items(rows, items, features, id_rows, vectors)
         return list(zip(rows, created, strict=True))
 
     def close(self) -> None:
@@ -389,9 +393,9 @@ class Engine:
 
     def apply_items(self, rows: list[int], items: list[NewItem], features: np.ndarray, id_rows: np.ndarray | None,
                     vectors: np.ndarray) -> None:  # fmt: skip
-        """Record items another replica indexed (shared backend): the catalog only, the index has them."""
+        """Record items the index already holds (this engine's upsert, or another replica's): catalog + h_t cache."""
         self.catalog.put(rows, [i.item_id for i in items], [i.title for i in items], features, id_rows, vectors)
-        if self.h_cache is not None:
+        if self.h_cache is not None:  # a replaced item's features change h_t of every history holding it
             self.h_cache.clear()
 
     def delete_item(self, item_id: str) -> int | None:

@@ -35,6 +35,7 @@ from service.schemas import (
     NewItemBody,
     check_id,
 )
+from service.searching import check_count
 from service.state import ServiceState
 
 router = APIRouter(prefix="/items", tags=["items"], dependencies=[Depends(require_admin)])
@@ -71,10 +72,7 @@ def _check_not_reloaded(svc: ServiceState, engine: Engine) -> None:
 
 def new_items(engine: Engine, bodies: list[NewItemBody], limit: int) -> list[NewItem]:
     """Check the bodies against the served bundle (text fields, visual width); 422 naming the field."""
-    if len(bodies) > limit:
-        raise ServiceError(
-            ErrorType.VALIDATION_ERROR, f"items has {len(bodies)} entries, over serve.max_upsert_items={limit}", "items"
-        )
+    check_count(len(bodies), "items", limit, "max_upsert_items")
     fields = engine.manifest.item_text_fields
     last = {body.item_id: i for i, body in enumerate(bodies)}  # an id given twice: the later one counts
     out: list[NewItem] = []

@@ -80,7 +80,7 @@ class ItemRegistry:
         self.skipped = 0  # entries that could not be applied (logged)
 
     def _keys(self, engine: Engine) -> tuple[str, str, str]:
-        base = f"{self.store.key_prefix}items:{engine.index.describe().get('collection', engine.model_version)}"
+        base = f"{self.store.key_prefix}items:{getattr(engine.index, 'collection', engine.model_version)}"
         return f"{base}:rows", f"{base}:next", f"{base}:log"
 
     async def upsert(

@@ -236,18 +236,16 @@ async def run_search(svc: ServiceState, body: SearchRequest, started: float) -> 
     return json_response(search_payload(engine, prepared, result, timings), headers=timing_headers(engine, timings))
 
 
-def _check_count(svc: ServiceState, n: int, field: str) -> None:
-    limit = svc.config.max_batch_inputs
+def check_count(n: int, field: str, limit: int, setting: str = "max_batch_inputs") -> None:
+    """A 422 naming `field` when a many-entry body is over its configured limit (`serve.<setting>`)."""
     if n > limit:
-        raise ServiceError(
-            ErrorType.VALIDATION_ERROR, f"{field} has {n} entries, over serve.max_batch_inputs={limit}", field
-        )
+        raise ServiceError(ErrorType.VALIDATION_ERROR, f"{field} has {n} entries, over serve.{setting}={limit}", field)
 
 
 async def run_search_batch(svc: ServiceState, body: BatchSearchRequest, started: float) -> Response:
     """`POST /search/batch`: every input searched as `/search` would, in one request."""
     engine, batcher = svc.serving()
-    _check_count(svc, len(body.inputs), "inputs")
+    check_count(len(body.inputs), "inputs", svc.config.max_batch_inputs)
     inputs = [
         (f"inputs[{i}]", (r.user_id, r.query, r.history, r.k, r.exclude_history)) for i, r in enumerate(body.inputs)
     ]
@@ -287,7 +285,7 @@ def _item_rows(engine: Engine, item_ids: list[str]) -> list[int]:
 async def run_embed(svc: ServiceState, body: EmbedRequest, started: float) -> Response:
     """`POST /embed`: h_t per input (as `/search` computes it) and/or the index's item vectors."""
     engine, batcher = svc.serving()
-    _check_count(svc, len(body.inputs), "inputs")
+    check_count(len(body.inputs), "inputs", svc.config.max_batch_inputs)
     if not body.inputs and not body.item_ids:
         raise ServiceError(ErrorType.VALIDATION_ERROR, "nothing to embed: give inputs, item_ids, or both", "inputs")
     rows = _item_rows(engine, body.item_ids)
@@ -320,7 +318,7 @@ async def run_openai_embeddings(svc: ServiceState, body: OpenAIEmbeddingsRequest
     """`POST /v1/embeddings` in OpenAI's shape: each input string is a query, `user` a stored history."""
     engine, batcher = svc.serving()
     texts = [body.input] if isinstance(body.input, str) else body.input
-    _check_count(svc, len(texts), "input")
+    check_count(len(texts), "input", svc.config.max_batch_inputs)
     if body.dimensions is not None and body.dimensions != engine.embed_dim:
         raise ServiceError(
             ErrorType.UNSUPPORTED_DIMENSIONS,

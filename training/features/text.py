@@ -66,6 +66,16 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def mean_pooled_unit(hidden, attention_mask):  # type: ignore[no-untyped-def]  # torch tensors; torch is lazy here
+    """Sentence-transformers' pooling: the mean of the real tokens' hidden states, L2-normalised. One function
+    for training's encoder and the ONNX graph export ships (`export.text_encoder`), so the two cannot drift."""
+    import torch
+
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
 def minilm_model_dir() -> Path:
     """Directory of the all-MiniLM-L6-v2 files inside the installed wheel, or a KarmaError saying how to get it."""
     try:
@@ -158,10 +168,7 @@ class MiniLMTextEncoder:
                     return_tensors="pt",
                 )
                 hidden = self._model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-                out[rows] = pooled.float().numpy()
+                out[rows] = mean_pooled_unit(hidden, batch["attention_mask"]).float().numpy()
                 bar.update(len(rows))
             bar.close()
         return out
