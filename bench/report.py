@@ -9,7 +9,7 @@ from typing import Any
 
 from karma.jsonable import to_jsonable
 
-SLO_TARGETS = {"ratio_band": 0.05, "throughput_ratio": 3.0}
+SLO_TARGETS = {"throughput_ratio": 3.0, "floor_ratio": 1.5, "overhead_share": 0.20}
 
 
 def save_report(report: dict[str, Any], out: Path) -> None:
@@ -56,7 +56,7 @@ def _verdict(ok: bool | None) -> str:
 
 def headline(results: dict[str, Any]) -> list[list[str]]:
     rows = []
-    band = SLO_TARGETS["ratio_band"]
+    band = results["meta"]["config"].get("ratio_band", 0.05)
     zc = results.get("zero_cost")
     if zc:
         for q in ("p50", "p99"):
@@ -107,6 +107,9 @@ def headline(results: dict[str, Any]) -> list[list[str]]:
                 ]
             )
             rows.append(["micro-batching gain at saturation", f"{gs:.2f}×", "", ""])
+        if "service" in b:
+            rows.append([f"service capacity at p99 ≤ {slo:g} ms", f"{_f(b['service']['capacity']['rps'], 0)} req/s",
+                         "", ""])  # fmt: skip
             common = h.get("batching_at_highest_common_rate")
             if common:
                 on, off = common["on_ms"], common["off_ms"]
@@ -118,6 +121,24 @@ def headline(results: dict[str, Any]) -> list[list[str]]:
                         "",
                     ]
                 )
+    st = results.get("stages")
+    if st:
+        share = st["overhead_share_p50"]
+        goal = SLO_TARGETS["overhead_share"]
+        rows.append([f"share of a request outside encode + search (p50, {st['requests']} sequential)",
+                     f"{100 * share:.1f}%", f"≤ {100 * goal:.0f}%", _verdict(share <= goal)])  # fmt: skip
+    fl = results.get("floor")
+    if fl:
+        goal = SLO_TARGETS["floor_ratio"]
+        typical = fl.get("service_mean_batch")
+        for r in fl["rows"]:
+            x = r["ort_over_floor"]["1"]
+            at_typical = typical is not None and r["batch"] == max(1, round(typical))
+            tag = f" (the service's mean batch at capacity, {typical:.1f})" if at_typical else ""
+            rows.append([f"encoder time / FLOP floor, batch {r['batch']}{tag}",
+                         f"{x:.2f}× ({r['ort_ms']['1']:.1f} vs {r['floor_ms']['1']:.1f} ms)",
+                         f"≤ {goal:g}×" if at_typical or typical is None else "",
+                         _verdict(x <= goal) if at_typical or typical is None else ""])  # fmt: skip
     return rows
 
 
@@ -171,6 +192,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", *serving_markdown(results)]
     if "zero_cost" in results:
         lines += ["", *zero_cost_markdown(results)]
+    if "stages" in results:
+        lines += ["", *stages_markdown(results)]
+    if "floor" in results:
+        lines += ["", *floor_markdown(results)]
     if "index" in results:
         lines += ["", *index_markdown(results)]
     return "\n".join(lines) + "\n"
@@ -295,6 +320,69 @@ def zero_cost_markdown(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def stages_markdown(results: dict[str, Any]) -> list[str]:
+    st = results["stages"]
+    out = [
+        "## Where a request's time goes (low load)",
+        "",
+        f"- {st['protocol']}: {st['requests']} timed `POST /search` after 50 untimed; stages from each answer's "
+        "`timings_ms`; overhead = total − encode − search (HTTP, JSON, validation, featurisation, hand-offs); "
+        "client = send → last byte.",
+        "",
+    ]
+    rows = [[name, _f(v["p50"], 3), _f(v["p90"], 3), _f(v["p99"], 3), _f(v["mean"], 3)]
+            for name, v in st["stages_ms"].items()]  # fmt: skip
+    out += _table(["stage", "p50 ms", "p90 ms", "p99 ms", "mean ms"], rows)
+    out += ["", f"Share outside encode + search, median over requests: {100 * st['overhead_share_p50']:.1f}%."]
+    return out
+
+
+def floor_markdown(results: dict[str, Any]) -> list[str]:
+    fl = results["floor"]
+    threads = [str(t) for t in fl["threads"]]
+    shapes = ", ".join(f"{w['k']}×{w['n']} ×{w['count']}" for w in fl["weight_shapes"])
+    out = [
+        "## The query encoder against the FLOP floor",
+        "",
+        f"- {fl['method']}. {fl['weight_matmuls']} weight MatMuls in the query graph, "
+        f"{len(fl['weight_shapes'])} shapes ({shapes}).",
+        "- int8 floor: the same FLOPs at ORT's `MatMulInteger` rate (u8 × s8 → s32, 1 thread): what a dynamically "
+        "quantised graph could reach at best.",
+        "",
+    ]
+    rows = []
+    for r in fl["rows"]:
+        rows.append(
+            [str(r["batch"]), str(r["tokens_per_request"]), _f(r["flops_per_batch"] / 1e9, 2)]
+            + [_f(r["gemm_gflop_s"][t], 0) for t in threads]
+            + [_f(r["floor_ms"][threads[0]], 2)]
+            + [f"{_f(r['ort_ms'][t], 2)} ({r['ort_over_floor'][t]:.2f}×)" for t in threads]
+            + [_f(r["ort_gflop_s"][threads[0]], 0), f"{_f(r['torch_eager_ms'], 2)} ({r['torch_over_floor']:.2f}×)",
+               _f(r["gemm_int8_gop_s"][threads[0]], 0), _f(r["floor_int8_ms"], 2)]
+            + ([_f(r["int8_bundle_floor_ms"], 2), f"{_f(r['int8_ort_ms'], 2)} ({r['int8_over_floor']:.2f}×)"]
+               if fl.get("int8_bundle") else [])
+        )  # fmt: skip
+    header = (
+        ["batch", "tokens/request", "GFLOP/batch"]
+        + [f"GEMM GFLOP/s ({t} thr)" for t in threads]
+        + ["floor ms (1 thr)"]
+        + [f"ORT ms ({t} thr, × its floor)" for t in threads]
+        + ["ORT GFLOP/s (1 thr)", "PyTorch eager ms (×)", "int8 GEMM Gop/s", "int8 floor ms"]
+        + (["int8 bundle floor ms", "int8 bundle ORT ms (1 thr, ×)"] if fl.get("int8_bundle") else [])
+    )
+    out += _table(header, rows)
+    if fl.get("service_mean_batch") is not None:
+        out += ["", f"The service's mean batch at its capacity rate: {fl['service_mean_batch']:.1f}."]
+    if fl.get("int8_bundle"):
+        out += [
+            "",
+            f"int8 bundle: `{fl['int8_bundle']}` (the same checkpoint, `karma export --quantize int8`); "
+            f"{100 * fl['int8_bundle_fp32_share']:.0f}% of its weight-GEMM FLOPs stay fp32, so its floor is that "
+            "share at the fp32 rate plus the rest at the int8 rate.",
+        ]
+    return out
+
+
 def index_markdown(results: dict[str, Any]) -> list[str]:
     ix = results["index"]
     rows_in = ix["rows"]
@@ -327,6 +415,17 @@ def index_markdown(results: dict[str, Any]) -> list[str]:
 # ---- plots ------------------------------------------------------------------------------------------------------
 
 
+def _save(fig: Any, title: str, path: Path) -> Path:
+    """Title, lay out, write and close one figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib
 
@@ -337,6 +436,10 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     written = []
     title = f"{results['meta']['machine']['cpu']}, {results['meta']['machine']['cores']} cores"
+    proto = results.get("protocol")
+    if proto:
+        title += (f" — {proto['backbone']} backbone, {proto['n_items']:,} items, "
+                  f"{proto['history_items']} history items ({proto.get('history_mix', 'fixed')})")  # fmt: skip
     colors = {"service": "tab:blue", "batching off": "tab:orange", "naive": "tab:red"}
     if "serving" in results:
         sv = results["serving"]
@@ -362,11 +465,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         right.set(xscale="log", xlabel="latency ms", ylabel="fraction of requests",
                   title=f"saturation ({results['meta']['config']['concurrency']} in flight): latency CDF")  # fmt: skip
         right.legend(fontsize=8)
-        fig.suptitle(title)
-        fig.tight_layout()
-        written.append(out / "serving_latency.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, title, out / "serving_latency.png"))
     if "zero_cost" in results:
         zc = results["zero_cost"]
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -374,7 +473,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         x = np.arange(1, len(blocks) + 1)
         for q, marker in (("p50", "o"), ("p99", "s")):
             left.plot(x, [b[q] for b in blocks], marker + "-", label=f"{q} ratio")
-        band = SLO_TARGETS["ratio_band"]
+        band = results["meta"]["config"].get("ratio_band", 0.05)
         left.axhspan(1 - band, 1 + band, color="green", alpha=0.1, label=f"1.00 ± {band}")
         left.axhline(1.0, color="gray", linewidth=1)
         left.set(xlabel="block of the run", ylabel="karma / action-only", title="latency ratio per block")
@@ -385,11 +484,29 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
                 right.plot(lat, np.arange(1, len(lat) + 1) / len(lat), color=c, label=label)
         right.set(xscale="log", xlabel="latency ms", ylabel="fraction of requests", title="latency CDF (interleaved)")
         right.legend()
-        fig.suptitle(title)
-        fig.tight_layout()
-        written.append(out / "zero_cost.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, title, out / "zero_cost.png"))
+    if "floor" in results:
+        fl = results["floor"]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        batch = [r["batch"] for r in fl["rows"]]
+        left.plot(batch, [r["floor_ms"]["1"] for r in fl["rows"]], "k--", label="fp32 floor (1 thread)")
+        left.plot(batch, [r["floor_int8_ms"] for r in fl["rows"]], "k:", label="int8 floor (1 thread)")
+        for t in fl["threads"]:
+            left.plot(batch, [r["ort_ms"][str(t)] for r in fl["rows"]], "o-", label=f"ONNX Runtime, {t} thread(s)")
+        left.plot(batch, [r["torch_eager_ms"] for r in fl["rows"]], "s-", label="PyTorch eager, 1 thread")
+        if fl.get("int8_bundle"):
+            left.plot(batch, [r["int8_ort_ms"] for r in fl["rows"]], "^-", label="ORT int8 bundle, 1 thread")
+        left.set(xscale="log", yscale="log", xlabel="batch (requests)", ylabel="ms per batch",
+                 title="query encoder time per batch vs FLOP floor")  # fmt: skip
+        left.legend(fontsize=8)
+        for t in fl["threads"]:
+            right.plot(batch, [r["ort_over_floor"][str(t)] for r in fl["rows"]], "o-", label=f"ORT {t} thread(s)")
+        if fl.get("int8_bundle"):
+            right.plot(batch, [r["int8_over_floor"] for r in fl["rows"]], "^-", label="ORT int8 bundle / its floor")
+        right.axhline(SLO_TARGETS["floor_ratio"], color="gray", linestyle="--", label="goal 1.5×")
+        right.set(xscale="log", xlabel="batch (requests)", ylabel="measured / floor", title="distance to the floor")
+        right.legend(fontsize=8)
+        written.append(_save(fig, title, out / "floor.png"))
     if "index" in results and results["index"]["rows"]:
         rows = results["index"]["rows"]
         sizes = sorted({r["n"] for r in rows})
@@ -402,11 +519,7 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
                 ax.annotate(f"{r['index']} {tag}".strip(), (r["latency_ms"]["p50"], r[f"recall@{k}"]), fontsize=8)
             ax.set(xscale="log", xlabel="p50 ms / query (batch 1)", ylabel=f"recall@{k} vs exact", title=f"{n:,} items")
             ax.xaxis.set_minor_formatter(NullFormatter())  # crowded minor labels on a short log range
-        fig.suptitle(title)
-        fig.tight_layout()
-        written.append(out / "index.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, title, out / "index.png"))
     return written
 
 

@@ -12,7 +12,15 @@ Parts (`--parts`, default all):
   zero-cost  (b): the service with the `action-only` bundle and the `karma` bundle of the same
              architecture, both running, requests interleaved A B B A (one in flight); p50/p99 of
              each, the karma/action-only ratios pooled and their spread over consecutive blocks.
+  stages     where one request's time goes inside the server at low load (`bench.stages`): p50 per
+             stage and the share outside encode + search.
+  floor      the query encoder against this CPU's FLOP floor at batch 1/8/32 and the service's mean
+             batch (`bench.floor`): ONNX Runtime at 1 and 2 threads, PyTorch eager, fp32 and int8 GEMM rates.
   index      (d): FAISS flat (exact) vs HNSW vs IVF-PQ at each size (`bench.index_bench`).
+
+`--profile` picks the model of the built bundles (bench.config.PROFILE_TRAIN: the tiny default, or
+SmolLM2-135M's first 4 layers) and the run knobs that suit it (PROFILE_RUN). `--variant` adds service
+backends with other settings (e.g. token-budget vs count batching) to part serving.
 
 Every server is its own process (1 ORT / torch / BLAS thread), and so is the load generator
 (`bench.loadgen`), whose own CPU time is recorded per run; so is the server's (psutil).
@@ -40,7 +48,7 @@ from typing import Any
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from bench import harness
-from bench.config import PARTS, QUICK, BenchConfig
+from bench.config import PARTS, PROFILE_RUN, PROFILE_TRAIN, QUICK, BenchConfig
 from bench.loadgen import run_load
 from bench.stats import ab_ratios, summarize, sustained
 from karma.errors import KarmaError
@@ -48,17 +56,8 @@ from karma.machine import machine, machine_line
 
 log = logging.getLogger("karma.bench")
 
-# Bundles built for the full run: the project's default model (tiny Llama backbone, 2 layers, hidden 64,
-# D = 64, max_history 50, MiniLM text + visual features) on the default 10k-item synthetic catalog,
-# trained briefly: latency does not depend on how well it ranks.
-FULL_TRAIN = [
-    "train.threads=1",
-    "train.steps=60",
-    "train.semantic_warmup_steps=10",
-    "train.checkpoint_every=1000000",
-    "eval.max_users=200",
-]
 PRESETS = ("action-only", "karma")
+SERVED_PARTS = {"serving", "zero-cost", "stages", "floor"}  # the parts that need the served (karma) bundle
 
 
 class Progress:
@@ -85,9 +84,8 @@ class Progress:
 def plan_steps(cfg: BenchConfig, build: bool) -> int:
     steps = 2 if build else 0
     if "serving" in cfg.parts:
-        steps += len(cfg.backends) * (1 + len(cfg.rates) + cfg.probes)
-    if "zero-cost" in cfg.parts:
-        steps += 1
+        steps += (len(cfg.backends) + len(cfg.variants)) * (1 + len(cfg.rates) + cfg.probes)
+    steps += sum(part in cfg.parts for part in ("zero-cost", "stages", "floor"))
     if "index" in cfg.parts:
         steps += len(cfg.index_sizes)
     return steps
@@ -109,14 +107,19 @@ class Bundles:
 
 
 def train_overrides(cfg: BenchConfig) -> list[str]:
-    base = list(harness.TINY) if cfg.quick else [*FULL_TRAIN, f"data.synthetic.n_items={cfg.items}"]
+    if cfg.profile not in PROFILE_TRAIN:
+        raise KarmaError(f"--profile: unknown profile {cfg.profile!r}; known: {', '.join(PROFILE_TRAIN)}")
+    if cfg.quick and cfg.profile == "tiny":
+        base = list(harness.TINY)
+    else:
+        base = [*PROFILE_TRAIN[cfg.profile], f"data.synthetic.n_items={cfg.items}"]
     return base + cfg.train_sets
 
 
 def prepare_bundles(cfg: BenchConfig, progress: Progress) -> Bundles:
     need_a = "zero-cost" in cfg.parts
-    need_b = bool({"serving", "zero-cost"} & set(cfg.parts))
-    need_ckpt = "serving" in cfg.parts
+    need_b = bool(SERVED_PARTS & set(cfg.parts))
+    need_ckpt = bool({"serving", "floor"} & set(cfg.parts))
     given = (not need_a or cfg.bundle_a) and (not need_b or cfg.bundle_b) and (not need_ckpt or cfg.checkpoint)
     if given or not need_b:
         return Bundles(cfg.bundle_a, cfg.bundle_b, cfg.checkpoint, built=False)
@@ -142,9 +145,17 @@ def prepare_bundles(cfg: BenchConfig, progress: Progress) -> Bundles:
     )
 
 
-def request_bodies(bundle: Path, n: int, history: int | None, k: int, seed: int) -> tuple[list[dict], dict]:
+def check_history_mix(mix: str) -> None:
+    if mix not in ("fixed", "uniform"):
+        raise KarmaError(f"--history-mix: {mix!r} is neither fixed nor uniform")
+
+
+def request_bodies(
+    bundle: Path, n: int, history: int | None, k: int, seed: int, mix: str = "fixed"
+) -> tuple[list[dict], dict]:
     """`n` /search bodies: a query (the first 4 words of a random catalog title) and `history` random
-    catalog items (default: the model's max_history), k results, history excluded."""
+    catalog items (default: the model's max_history; mix "uniform": 1..that many, drawn per body),
+    k results, history excluded."""
     from karma.bundle import load_bundle
 
     b = load_bundle(bundle, verify_checksums=False, check_graphs=False, with_index=False)
@@ -152,11 +163,13 @@ def request_bodies(bundle: Path, n: int, history: int | None, k: int, seed: int)
     length = m.max_history if history is None else history
     ids = b.items["item_id"].astype(str).tolist()
     titles = b.items["title"].astype(str).tolist() if "title" in b.items.columns else [""]
+    check_history_mix(mix)
     rng = random.Random(seed)
+    most = min(length, len(ids))
     bodies = [
         {
             "query": " ".join(rng.choice(titles).split()[:4]),
-            "history": rng.sample(ids, min(length, len(ids))),
+            "history": rng.sample(ids, most if mix == "fixed" else rng.randint(1, max(1, most))),
             "k": k,
             "exclude_history": True,
         }
@@ -164,7 +177,8 @@ def request_bodies(bundle: Path, n: int, history: int | None, k: int, seed: int)
     ]
     protocol = {
         "n_items": m.n_items,
-        "history_items": min(length, len(ids)),
+        "history_items": most,
+        "history_mix": mix,
         "max_history": m.max_history,
         "k": k,
         "distinct_bodies": n,
@@ -233,6 +247,25 @@ BACKENDS = [
 ]
 
 
+def chosen_backends(cfg: BenchConfig) -> list[Backend]:
+    """The built-in backends named by cfg.backends, then one service backend per --variant."""
+    unknown = set(cfg.backends) - {b.name for b in BACKENDS}
+    if unknown:
+        raise KarmaError(f"unknown backend(s) {sorted(unknown)}; choose from {', '.join(b.name for b in BACKENDS)}")
+    out = [b for b in BACKENDS if b.name in cfg.backends]
+    for text in cfg.variants:
+        name, sep, sets = text.partition(":")
+        settings = [x.strip() for x in sets.split(",") if x.strip()]
+        if not sep or not name.strip() or not settings or any("=" not in x for x in settings):
+            raise KarmaError(
+                f"--variant {text!r}: write NAME:KEY=VALUE[,KEY=VALUE...], e.g. 'b8:serve.max_batch_size=8'"
+            )
+        if name.strip() in {b.name for b in out}:
+            raise KarmaError(f"--variant {text!r}: backend name {name.strip()!r} is taken")
+        out.append(Backend(name.strip(), "karma serve --set " + " --set ".join(settings), settings))
+    return out
+
+
 @contextlib.contextmanager
 def serving(backend: Backend, bundles: Bundles, cfg: BenchConfig) -> Iterator[str]:
     entry = None
@@ -241,7 +274,13 @@ def serving(backend: Backend, bundles: Bundles, cfg: BenchConfig) -> Iterator[st
             raise KarmaError("the naive baseline needs bundle b's training checkpoint (--checkpoint)")
         entry = [sys.executable, "-m", "bench.naive", "--checkpoint", str(bundles.checkpoint)]
     assert bundles.b is not None
-    with harness.karma_serve(bundles.b, cfg.redis_url, sets=backend.sets, entry=entry, timeout_s=300) as (base, _):
+    bundle, sets = bundles.b, []
+    for setting in backend.sets:  # a variant may serve another bundle (e.g. the int8 export of the same model)
+        if setting.startswith("serve.bundle="):
+            bundle = Path(setting.partition("=")[2])
+        else:
+            sets.append(setting)
+    with harness.karma_serve(bundle, cfg.redis_url, sets=sets, entry=entry, timeout_s=300) as (base, _):
         yield base
 
 
@@ -262,10 +301,7 @@ def run_serving(cfg: BenchConfig, bundles: Bundles, bodies: list[dict], progress
     raw = cfg.out / "raw"
     out: dict[str, Any] = {}
     latencies: dict[str, list[float]] = {}
-    unknown = set(cfg.backends) - {b.name for b in BACKENDS}
-    if unknown:
-        raise KarmaError(f"unknown backend(s) {sorted(unknown)}; choose from {', '.join(b.name for b in BACKENDS)}")
-    for backend in (b for b in BACKENDS if b.name in cfg.backends):
+    for backend in chosen_backends(cfg):
         slug = backend.name.replace(" ", "-")
         progress.step(f"{backend.name}: start the server, saturation (closed loop, {cfg.concurrency} in flight)")
         with serving(backend, bundles, cfg) as base:
@@ -424,6 +460,46 @@ def run_zero_cost(cfg: BenchConfig, bundles: Bundles, bodies: list[dict], progre
     }
 
 
+# ---- stages and the FLOP floor -------------------------------------------------------------------------
+
+
+def run_stages_part(cfg: BenchConfig, bundles: Bundles, bodies: list[dict], progress: Progress) -> dict[str, Any]:
+    from bench.stages import run_stages
+
+    assert bundles.b is not None
+    progress.step(f"stages: {cfg.stage_requests} sequential searches, timings per server stage")
+    with harness.karma_serve(bundles.b, cfg.redis_url, timeout_s=300) as (base, _):
+        info = server_info(base)
+        out = run_stages(base, bodies, cfg.stage_requests)
+    progress.done()
+    return {**out, "info": info, "protocol": "one request in flight, sequential, one keep-alive connection"}
+
+
+def service_mean_batch(results: dict[str, Any]) -> float | None:
+    """The service's mean batch at its capacity (the last sustained probe or ladder rate), if serving ran."""
+    svc = results.get("serving", {}).get("backends", {}).get("service")
+    if not svc:
+        return None
+    runs = [r for r in [*svc["rates"], *svc["capacity"]["probes"]] if "skipped" not in r and r.get("sustained")]
+    if not runs:
+        return None
+    best = max(runs, key=lambda r: r["rate"])
+    return best.get("mean_batch")
+
+
+def run_floor_part(cfg: BenchConfig, bundles: Bundles, bodies: list[dict], progress: Progress,
+                   typical: float | None) -> dict[str, Any]:  # fmt: skip
+    from bench.floor import run_floor
+
+    assert bundles.b is not None and bundles.checkpoint is not None
+    sizes = sorted({*cfg.floor_batches, *([max(1, round(typical))] if typical else [])})
+    progress.step(f"floor: encoder time vs FLOP floor at batch {', '.join(map(str, sizes))}")
+    out = run_floor(bundles.b, bundles.checkpoint, bodies, sizes, int8_bundle=cfg.int8_bundle)
+    progress.done()
+    out["service_mean_batch"] = typical
+    return out
+
+
 # ---- index --------------------------------------------------------------------------------------------------
 
 
@@ -457,7 +533,7 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict[str, Any]:
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
     }
     log.info("karma bench on %s; results under %s", machine_line(meta["machine"]), cfg.out)
-    build = not (cfg.bundle_b or cfg.bundle_a or cfg.checkpoint) and bool({"serving", "zero-cost"} & set(cfg.parts))
+    build = not (cfg.bundle_b or cfg.bundle_a or cfg.checkpoint) and bool(SERVED_PARTS & set(cfg.parts))
     progress = Progress(plan_steps(cfg, build))
     results: dict[str, Any] = {"meta": meta}
     with contextlib.ExitStack() as stack:
@@ -475,15 +551,20 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict[str, Any]:
         dim = cfg.index_dim or 64
         bodies: list[dict] = []
         if bundles.b is not None:
-            bodies, protocol = request_bodies(bundles.b, cfg.bodies, cfg.history, cfg.k, cfg.seed)
+            bodies, protocol = request_bodies(bundles.b, cfg.bodies, cfg.history, cfg.k, cfg.seed, cfg.history_mix)
             results["protocol"] = protocol
             dim = cfg.index_dim or protocol["embed_dim"]
         if "serving" in cfg.parts:
             results["serving"] = run_serving(cfg, bundles, bodies, progress)
         if "zero-cost" in cfg.parts:
             results["zero_cost"] = run_zero_cost(cfg, bundles, bodies, progress)
+        if "stages" in cfg.parts:
+            results["stages"] = run_stages_part(cfg, bundles, bodies, progress)
+        if "floor" in cfg.parts:
+            results["floor"] = run_floor_part(cfg, bundles, bodies, progress, service_mean_batch(results))
         if "index" in cfg.parts:
             results["index"] = run_index(cfg, dim, progress)
+    meta["steps"] = {"planned": progress.bar.total, "run": progress.n}
     meta["elapsed_s"] = time.perf_counter() - started
     meta["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     paths = write_report(results, cfg.out)
@@ -492,8 +573,11 @@ def run_bench(cfg: BenchConfig, command: str | None = None) -> dict[str, Any]:
 
 
 def config_for(quick: bool, **given: Any) -> BenchConfig:
-    """Defaults (full or quick) with the options the user gave (None = not given)."""
-    cfg = BenchConfig(quick=quick)
+    """Defaults (the profile's, then quick's) with the options the user gave (None = not given)."""
+    profile = given.get("profile") or "tiny"
+    if profile not in PROFILE_RUN:
+        raise KarmaError(f"--profile: unknown profile {profile!r}; known: {', '.join(PROFILE_RUN)}")
+    cfg = replace(BenchConfig(quick=quick, profile=profile), **PROFILE_RUN[profile])
     if quick:
         cfg = replace(cfg, **QUICK)
     return replace(cfg, **{k: v for k, v in given.items() if v is not None})
@@ -516,6 +600,8 @@ def main(quick: bool, given: dict[str, Any], command: str) -> dict[str, Any]:
     if unknown:
         raise KarmaError(f"--parts: unknown part(s) {unknown}; known: {', '.join(PARTS)}")
     cfg = config_for(quick, **given)
+    chosen_backends(cfg)  # a bad --backends/--variant/--history-mix fails here, not after the bundles are built
+    check_history_mix(cfg.history_mix)
     results = run_bench(cfg, command)
     print((cfg.out / "bench.md").read_text())
     return results

@@ -1,7 +1,7 @@
 """What the h_t cache buys under the locust scenario's traffic: hit rate and latency, cache off vs on.
 
     python benchmarks/bench_hcache.py [--bundle artifacts/bundles/default] [--seconds 60] [--users 20]
-        [--locust locust] [--entries 100000]
+        [--locust locust] [--entries 100000] [--set serve.KEY=VALUE ...]
 
 Starts `karma serve` on the bundle twice (serve.h_cache_entries = 0, then --entries), each time runs
 `loadtest/search.py` headless against it (the same Zipf users, clicks, by-user and by-history
@@ -59,11 +59,13 @@ def main() -> None:
     parser.add_argument("--locust", default="locust")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--out", type=Path, default=Path("artifacts/benchmarks/h_cache.json"))
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="serve.* override for both runs.")
     args = parser.parse_args()
     report: dict[str, Any] = {"bundle": str(args.bundle), "seconds": args.seconds, "users": args.users,
-                              "machine": machine(), "runs": {}}  # fmt: skip
+                              "sets": args.sets, "machine": machine(), "runs": {}}  # fmt: skip
     for entries in (0, args.entries):
-        with karma_serve(args.bundle, args.redis_url, sets=[f"serve.h_cache_entries={entries}"]) as (base, _):
+        sets = [*args.sets, f"serve.h_cache_entries={entries}"]
+        with karma_serve(args.bundle, args.redis_url, sets=sets) as (base, _):
             with tempfile.TemporaryDirectory(prefix="karma-locust-") as tmp:
                 stats = run_locust(args.locust, base, args.seconds, args.users, args.bundle, Path(tmp))
             info = httpx.get(f"{base}/info", timeout=10).json()

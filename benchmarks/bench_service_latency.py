@@ -28,16 +28,15 @@ import json
 import os
 import platform
 import random
-import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from bench.harness import REPO, build_bundle, karma_serve, log_steps_to_stderr
+from bench.stages import STAGES, RawClient, summarize_stages, time_requests
 
 BUNDLE_OVERRIDES = [
     "data.synthetic.n_items=100000",
@@ -51,17 +50,6 @@ BUNDLE_OVERRIDES = [
     "eval.max_users=200",
 ]
 OPTIONAL = ("hiredis", "uvloop", "httptools")
-STAGES = ("history", "featurize", "queue", "encode", "search", "total", "overhead", "client")
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {
-        "p50": round(float(np.percentile(a, 50)), 4),
-        "p90": round(float(np.percentile(a, 90)), 4),
-        "p99": round(float(np.percentile(a, 99)), 4),
-        "mean": round(float(a.mean()), 4),
-    }
 
 
 def seed_histories(client: httpx.Client, items: list[str], users: int, max_history: int, rng: random.Random) -> None:
@@ -73,69 +61,20 @@ def seed_histories(client: httpx.Client, items: list[str], users: int, max_histo
             r.raise_for_status()
 
 
-class RawClient:
-    """A minimal keep-alive HTTP/1.1 client that sends each request (headers + body) in one write.
+class HttpxPoster:
+    """`--client httpx`: the same `.post(path, payload) -> (status, json)` as RawClient."""
 
-    That is how most clients and every buffering proxy in front of a service send a small POST.
-    httpx writes the headers and the body separately, so the server's clock (which starts at the
-    first byte) also counts the gap until the client's second write (~0.1 ms here): `--client
-    httpx` shows that.
-    """
-
-    def __init__(self, base: str):
-        url = httpx.URL(base)
-        self.host = f"{url.host}:{url.port}"
-        self.sock = socket.create_connection((url.host, url.port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buffer = b""
+    def __init__(self, client: httpx.Client):
+        self.client = client
 
     def post(self, path: str, payload: dict) -> tuple[int, dict]:
-        body = json.dumps(payload).encode()
-        head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        )
-        self.sock.sendall(head.encode() + body)
-        while b"\r\n\r\n" not in self.buffer:
-            self.buffer += self._recv()
-        head_bytes, _, rest = self.buffer.partition(b"\r\n\r\n")
-        lines = head_bytes.decode("latin-1").split("\r\n")
-        status = int(lines[0].split()[1])
-        length = next(int(v) for k, _, v in (x.partition(":") for x in lines[1:]) if k.lower() == "content-length")
-        while len(rest) < length:
-            rest += self._recv()
-        self.buffer = rest[length:]
-        return status, json.loads(rest[:length])
-
-    def _recv(self) -> bytes:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("server closed the connection")
-        return chunk
-
-    def close(self) -> None:
-        self.sock.close()
+        r = self.client.post(path, json=payload)
+        return r.status_code, r.json()
 
 
-def measure(client: httpx.Client | RawClient, queries: list[str], users: int, n: int, rng: random.Random) -> list[dict]:
-    rows = []
-    for _ in range(n):
-        body = {"user_id": f"bench-u{rng.randrange(users)}", "query": rng.choice(queries), "k": 10}
-        if isinstance(client, RawClient):
-            started = time.perf_counter()
-            status, got = client.post("/search", body)
-            client_ms = (time.perf_counter() - started) * 1000
-        else:
-            started = time.perf_counter()
-            r = client.post("/search", json=body)
-            client_ms = (time.perf_counter() - started) * 1000
-            status, got = r.status_code, r.json()
-        if status != 200:
-            raise RuntimeError(f"/search answered {status}: {got}")
-        t = got["timings_ms"]
-        overhead = t["total"] - t["encode"] - t["search"]
-        rows.append({**t, "client": client_ms, "overhead": overhead, "b": got["batch_size"]})
-    return rows
+def measure(client: RawClient | HttpxPoster, queries: list[str], users: int, n: int, rng: random.Random) -> list[dict]:
+    bodies = [{"user_id": f"bench-u{rng.randrange(users)}", "query": rng.choice(queries), "k": 10} for _ in range(n)]
+    return time_requests(client, bodies, n)
 
 
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
@@ -195,15 +134,15 @@ def main() -> None:
             httpx.Client(base_url=base, timeout=30) as client,
         ):
             seed_histories(client, items, args.users, max_history, rng)
-            searcher = RawClient(base) if args.client == "raw" else client
+            searcher = RawClient(base) if args.client == "raw" else HttpxPoster(client)
             measure(searcher, queries, args.users, args.warmup, rng)
             rows = measure(searcher, queries, args.users, args.requests, rng)
             info = client.get("/info").json()
             if isinstance(searcher, RawClient):
                 searcher.close()
 
-    stages = {s: percentiles([r[s] for r in rows]) for s in STAGES}
-    shares = [r["overhead"] / r["total"] for r in rows]
+    measured = summarize_stages(rows)
+    stages = measured["stages_ms"]
     summary = {
         "machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})",
         # Optional speed-ups the server picks up when installed (redis[hiredis], uvicorn[standard]).
@@ -214,11 +153,8 @@ def main() -> None:
         "dims": info["dims"],
         "max_history": max_history,
         "index": info["index"]["type"],
-        "requests": len(rows),
         "client": args.client,
-        "batch_size_max": max(r["b"] for r in rows),
-        "stages_ms": stages,
-        "overhead_share_p50": round(float(np.median(shares)), 4),
+        **measured,
         "overhead_share_of_p50s": round(
             (stages["total"]["p50"] - stages["encode"]["p50"] - stages["search"]["p50"]) / stages["total"]["p50"], 4
         ),

@@ -403,7 +403,14 @@ class ServeConfig(StrictModel):
         ),
     )
     intra_op_threads: int = Field(
-        1, ge=1, le=256, description="ONNX Runtime intra-op threads (explicit; never ORT's all-cores default)."
+        1,
+        ge=1,
+        le=256,
+        description=(
+            "ONNX Runtime intra-op threads (explicit; never ORT's all-cores default). 1 suits the tiny tower, "
+            "whose requests are overhead-bound; an LLM tower is GEMM-bound: give it the replica's cores "
+            "(SmolLM2-4L on 2 cores: 2 threads doubled throughput, docs/BENCHMARKS.md)."
+        ),
     )
     index_backend: Literal["faiss", "milvus"] = Field(
         "faiss",
@@ -454,7 +461,9 @@ class ServeConfig(StrictModel):
         description=(
             "Token budget of one encoder batch (TEI's --max-batch-tokens): batch size x (longest history in "
             "the batch + max_query_tokens + 1). Bounds the encoder's memory whatever a bundle's max_history; "
-            "a bundle whose single request is over it is refused at load, and the warm-up batch fits it."
+            "a bundle whose single request is over it is refused at load, and the warm-up batch fits it. "
+            "For an LLM tower set it to a few full-length requests (SmolLM2-4L: 240), so short histories are "
+            "not padded to a long one and no batch holds the encoder for long."
         ),
     )
     load_memory_budget_mb: int = Field(

@@ -605,6 +605,23 @@ def bench(
     backends: Annotated[
         str | None, typer.Option(help="Part serving: comma-separated subset of service,batching off,naive.")
     ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(help="Model of the built bundles and the knobs that suit it: tiny (default) or smollm2."),
+    ] = None,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(help="Part serving: one more service backend, 'NAME:KEY=VALUE[,KEY=VALUE]' (repeatable)."),
+    ] = None,
+    history_mix: Annotated[
+        str | None, typer.Option(help="fixed (default): every body has --history items; uniform: 1..that many.")
+    ] = None,
+    stage_requests: Annotated[
+        int | None, typer.Option(min=1, help=f"Part stages: sequential requests ({_BENCH.stage_requests}).")
+    ] = None,
+    floor_batches: Annotated[
+        str | None, typer.Option(help=f"Part floor: batch sizes ({','.join(map(str, _BENCH.floor_batches))}).")
+    ] = None,
     bundle_a: Annotated[Path | None, typer.Option(help="Action-only bundle (part zero-cost).")] = None,
     bundle_b: Annotated[
         Path | None, typer.Option(help="Karma bundle: the served one (parts serving, zero-cost).")
@@ -613,6 +630,9 @@ def bench(
         Path | None, typer.Option(help="Bundle b's training checkpoint (the naive baseline).")
     ] = None,
     workdir: Annotated[Path | None, typer.Option(help="Build the bundles here (default <out>/work).")] = None,
+    int8_bundle: Annotated[
+        Path | None, typer.Option(help="Part floor: the checkpoint's `karma export --quantize int8`, measured too.")
+    ] = None,
     items: Annotated[
         int | None, typer.Option(min=1, help=f"Synthetic catalog size of built bundles ({_BENCH.items:,}).")
     ] = None,
@@ -662,6 +682,7 @@ def bench(
         "backends": (backends, str),
         "rates": (rates, float),
         "index_sizes": (index_sizes, int),
+        "floor_batches": (floor_batches, int),
     }
     parsed = {name: None if text is None else _csv(kind)(text) for name, (text, kind) in lists.items()}
     for name in ("parts", "backends"):
@@ -671,7 +692,8 @@ def bench(
         "items": items, "train_sets": train_set, "history": history, "k": k, "warmup_s": warmup,
         "duration_s": duration, "concurrency": concurrency, "slo_p99_ms": slo_p99_ms, "probes": probes,
         "probe_s": probe_s, "zero_cost_s": zero_cost_s, "zero_cost_blocks": zero_cost_blocks,
-        "index_dim": index_dim, "redis_url": redis_url, "seed": seed,
+        "index_dim": index_dim, "redis_url": redis_url, "seed": seed, "profile": profile, "variants": variant,
+        "history_mix": history_mix, "stage_requests": stage_requests, "int8_bundle": int8_bundle,
     }  # fmt: skip
     run_bench(quick, given, shlex.join([_B, *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else _B)
 

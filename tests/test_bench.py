@@ -184,6 +184,34 @@ def test_naive_backend_ranks_like_the_onnx_service(tiny_export: tuple[Path, Path
         naive_engine(bundle, other)
 
 
+def test_floor_counts_the_flops_export_counted_and_finds_every_weight_matmul(tiny_export: tuple[Path, Path]) -> None:
+    """The floor's FLOPs (FlopCounterMode on the served tower, fed by the service's own Engine.feeds) at the
+    reference request equal the manifest's query_flops (export.cost, counted on the exported modules), and
+    the GEMM shapes it prices are the graph's weight MatMuls: per decoder layer q, k, v, o, gate, up, down."""
+    from bench.floor import counted_flops, sequence_tokens, weight_matmul_shapes
+    from bench.naive import TorchQueryEncoder
+    from karma.bundle import QUERY_ENCODER_FILE, load_bundle
+    from service.engine import Engine
+
+    checkpoint, bundle_dir = tiny_export
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    engine = Engine(bundle, bundle.open_sessions())
+    words = " ".join(bundle.items["title"].astype(str).tolist()[:20])  # more tokens than max_query_tokens
+    feeds = engine.feeds([words], [np.arange(m.max_history, dtype=np.int64)])
+    assert sequence_tokens(feeds) == engine.max_query_tokens + m.max_history + 1
+    tower = TorchQueryEncoder(checkpoint, m.dims.feature_dim).tower
+    assert counted_flops(tower, feeds) == m.cost["query_flops"]
+    shapes = weight_matmul_shapes(bundle.path(QUERY_ENCODER_FILE))
+    hidden = m.dims.hidden
+    # MLP down: (intermediate, hidden); the feature projection (feature_dim, hidden) is the other k > hidden
+    downs = {k: c for (k, n), c in shapes.items() if n == hidden and hidden < k != m.dims.feature_dim}
+    assert len(downs) == 1
+    ((inner, layers),) = downs.items()
+    assert layers >= 1 and shapes[(hidden, inner)] == 2 * layers  # gate and up of each layer
+    assert shapes[(hidden, hidden)] >= 2 * layers  # q and o (k and v too without grouped-query attention)
+
+
 @needs_redis
 def test_karma_bench_runs_servers_and_load_generator_and_writes_the_report(
     tiny_export: tuple[Path, Path], tmp_path: Path
@@ -194,10 +222,14 @@ def test_karma_bench_runs_servers_and_load_generator_and_writes_the_report(
     checkpoint, bundle = tiny_export
     cfg = config_for(
         True, out=tmp_path / "out", bundle_a=bundle, bundle_b=bundle, checkpoint=checkpoint, backends=("service",),
-        rates=[40.0], probes=0, warmup_s=0.2, duration_s=0.6, concurrency=4, zero_cost_s=0.8, zero_cost_blocks=2,
-        index_sizes=[400], bodies=50, redis_url=REDIS_URL,
+        variants=["b2:serve.max_batch_size=2"], rates=[40.0], probes=0, warmup_s=0.2, duration_s=0.6, concurrency=4,
+        zero_cost_s=0.8, zero_cost_blocks=2, index_sizes=[400], bodies=50, redis_url=REDIS_URL, stage_requests=30,
+        floor_batches=[1, 4], history_mix="uniform", int8_bundle=bundle,  # (any bundle of the model: the code path)
     )  # fmt: skip
     results = run_bench(cfg, "karma bench --test")
+    assert results["meta"]["steps"]["run"] == results["meta"]["steps"]["planned"]  # the progress bar's total
+    lengths = {len(body["history"]) for body in request_bodies(bundle, 50, None, 10, 0, mix="uniform")[0]}
+    assert len(lengths) > 5 and min(lengths) >= 1 and results["protocol"]["history_mix"] == "uniform"
 
     service = results["serving"]["backends"]["service"]
     for run in (service["saturation"], service["rates"][0]):
@@ -205,6 +237,24 @@ def test_karma_bench_runs_servers_and_load_generator_and_writes_the_report(
         assert run["loadgen_cpu"]["cpu_s"] > 0 and run["latency_ms"]["p50"] > 0 and run["server_cpu_util"] > 0
     assert service["rates"][0]["spec"]["mode"] == "open" and service["saturation"]["spec"]["concurrency"] == 4
     assert service["info"]["batching"]["max_batch_size"] == 32
+    variant = results["serving"]["backends"]["b2"]  # --variant: the same service with other settings
+    assert variant["info"]["batching"]["max_batch_size"] == 2 and variant["saturation"]["mean_batch"] <= 2.0
+    assert variant["saturation"]["ok"] > 0 and variant["description"] == "karma serve --set serve.max_batch_size=2"
+
+    stages = results["stages"]  # one request in flight: each answer's own timings
+    assert stages["requests"] == 30 and stages["batch_size_max"] == 1 and 0 < stages["overhead_share_p50"] < 1
+    st = stages["stages_ms"]
+    assert 0 < st["encode"]["p50"] < st["total"]["p50"] <= st["client"]["p50"]
+
+    floor = results["floor"]  # batch 1, 4 and the service's mean batch at its best sustained rate
+    by_batch = {r["batch"]: r for r in floor["rows"]}
+    assert {1, 4} <= set(by_batch) and floor["weight_matmuls"] == sum(w["count"] for w in floor["weight_shapes"])
+    for r in floor["rows"]:
+        assert r["flops_per_batch"] > 0 and r["ort_ms"]["1"] > 0 and r["floor_ms"]["1"] > 0
+        assert r["gemm_gflop_s"]["1"] > 0 and r["floor_int8_ms"] > 0 and r["torch_eager_ms"] > 0
+        assert r["ort_over_floor"]["1"] == pytest.approx(r["ort_ms"]["1"] / r["floor_ms"]["1"])
+        assert r["int8_bundle_floor_ms"] == pytest.approx(r["floor_ms"]["1"])  # this "int8 bundle" is all fp32
+        assert r["int8_ort_ms"] > 0 and r["int8_over_floor"] == pytest.approx(r["int8_ort_ms"] / r["floor_ms"]["1"])
     zc = results["zero_cost"]
     assert zc["identical_query_graphs"] and zc["a"]["error_count"] == zc["b"]["error_count"] == 0
     assert abs(zc["a"]["requests"] - zc["b"]["requests"]) <= 2 and zc["a"]["requests"] > 10  # ABBA, one in flight
@@ -217,7 +267,9 @@ def test_karma_bench_runs_servers_and_load_generator_and_writes_the_report(
     for needle in ("## Headline", "KARMA / action-only latency, p50", "(a) + (c)", "| service |", "(b) Zero added",
                    "(d) Exact vs approximate", "load generator CPU", "Load generator's own CPU"):  # fmt: skip
         assert needle in md, needle
-    for name in ("serving_latency.png", "zero_cost.png", "index.png"):
+    for needle in ("Where a request's time goes", "against the FLOP floor", "encoder time / FLOP floor, batch 1"):
+        assert needle in md, needle
+    for name in ("serving_latency.png", "zero_cost.png", "index.png", "floor.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -246,8 +298,15 @@ def test_karma_bench_help_and_bad_parts() -> None:
     assert "Usage: karma bench" in help_.stdout  # typer, like every other command
     bad = subprocess.run([KARMA_BIN, "bench", "--parts", "nope"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --parts: unknown part(s) ['nope']; known: " + (
-        "serving, zero-cost, index"
+        "serving, zero-cost, stages, floor, index"
     )
+    bad_variant = subprocess.run([KARMA_BIN, "bench", "--variant", "b8"], capture_output=True, text=True, timeout=60)
+    assert bad_variant.returncode == 2 and "--variant 'b8': write NAME:KEY=VALUE" in bad_variant.stderr
+    bad_profile = subprocess.run([KARMA_BIN, "bench", "--profile", "huge"], capture_output=True, text=True, timeout=60)
+    assert bad_profile.returncode == 2
+    assert "--profile: unknown profile 'huge'; known: tiny, smollm2" in bad_profile.stderr
+    bad_mix = subprocess.run([KARMA_BIN, "bench", "--history-mix", "zipf"], capture_output=True, text=True, timeout=60)
+    assert bad_mix.returncode == 2 and "--history-mix: 'zipf' is neither fixed nor uniform" in bad_mix.stderr
     typo = subprocess.run([KARMA_BIN, "bench", "--rates", "fast"], capture_output=True, text=True, timeout=60)
     assert typo.returncode == 2 and "'fast' is not a comma-separated list of floats" in typo.stderr
     assert "Traceback" not in typo.stderr
