@@ -3,15 +3,18 @@
 floor(batch) = FLOPs of that batch ÷ this CPU's sustained GEMM rate at the encoder's own matrix shapes.
 
 - FLOPs: `torch.utils.flop_counter.FlopCounterMode` on the served PyTorch query tower (the training
-  checkpoint's, which the bundle's ONNX graph reproduces), fed the very arrays the service builds
-  (`Engine.feeds`: the bundle's tokenizer, features and padding) for the benchmark's request bodies.
+  checkpoint's, checked against the bundle's ONNX graph as the naive baseline checks it), fed the very
+  arrays the service builds (`Engine.feeds`: the bundle's tokenizer, features and padding) for the
+  benchmark's request bodies. The counter counts matmuls (every Linear, and attention where it is
+  plain matmuls); a fused attention kernel (SDPA on CPU), norms, rotary and activations count 0, so
+  the floor treats them as free: it is optimistic, and a few % of the gap to it is that work.
 - GEMM rate: every MatMul of the query graph whose right-hand side is a weight (an initializer) is
-  timed alone, as a one-node ONNX graph in ONNX Runtime (its MLAS kernels, 1 thread, the served
-  setting), at M = batch x the sequence the tower runs (query tokens + history items + [EMB]). The
-  rate is their FLOPs over their time, weighted as often as each shape occurs in the graph, so
-  attention, norms and activations (a few % of the FLOPs) are priced at the GEMM rate too: the
-  floor is optimistic. int8: the same shapes through `MatMulInteger` (uint8 x int8 -> int32, the
-  kernel a dynamically quantised graph runs), so int8 floor = FLOPs / that rate.
+  timed alone, as a one-node ONNX graph in ONNX Runtime (its MLAS kernels; at 1 and at 2 intra-op
+  threads, one rate per thread count), at M = batch x the sequence the tower runs (query tokens +
+  history items + [EMB]; the feature projection and the output layer really run at fewer rows). The
+  rate is their FLOPs over their time, weighted as often as each shape occurs in the graph. int8: the
+  same shapes through `MatMulInteger` (uint8 x int8 -> int32, the kernel a dynamically quantised
+  graph runs), so int8 floor = FLOPs / that rate.
 - Measured: the bundle's query session (`Bundle.open_sessions`, 1 or 2 intra-op threads) per batch,
   median of repeated runs over distinct batches, and PyTorch eager (1 thread) for reference; with
   `int8_bundle` (the same checkpoint exported with `--quantize int8`), its session too, against its
@@ -36,6 +39,7 @@ import numpy as np
 log = logging.getLogger("karma.bench")
 
 REPEAT_S = 1.0  # seconds of repeated runs per measured case (at least 3 runs)
+INT8_MIN_COSINE = 0.95  # an --int8-bundle whose h_t is further than this from the fp32 bundle's is another model
 
 
 FP32_OPS = ("MatMul", "Gemm")
@@ -156,7 +160,7 @@ def run_floor(
     """Floor vs measured encoder time per batch size (see the module docstring); a dict for bench.json."""
     import torch
 
-    from bench.naive import TorchQueryEncoder
+    from bench.naive import TorchQueryEncoder, check_parity
     from karma.bundle import QUERY_ENCODER_FILE, load_bundle
     from service.engine import Engine
 
@@ -164,11 +168,14 @@ def run_floor(
     bundle = load_bundle(bundle_dir)
     sessions = {t: bundle.open_sessions(intra_op_threads=t, inter_op_threads=1) for t in threads}
     engine = Engine(bundle, sessions[threads[0]])
-    int8_fp32 = fp32_share(load_bundle(int8_bundle).path(QUERY_ENCODER_FILE)) if int8_bundle else None
-    int8_sessions = (
-        load_bundle(int8_bundle).open_sessions(intra_op_threads=1, inter_op_threads=1) if int8_bundle else None
-    )
     tower = TorchQueryEncoder(checkpoint, bundle.manifest.dims.feature_dim)
+    check_parity(engine, tower, sessions[threads[0]], f"checkpoint {checkpoint}", f"bundle {bundle_dir}")
+    int8_fp32 = fp32_share(load_bundle(int8_bundle).path(QUERY_ENCODER_FILE)) if int8_bundle else None
+    int8_sessions = None
+    if int8_bundle is not None:  # the same model quantised: close to the fp32 graph, never another model
+        int8_sessions = load_bundle(int8_bundle).open_sessions(intra_op_threads=1, inter_op_threads=1)
+        check_parity(engine, int8_sessions, sessions[threads[0]], f"int8 bundle {int8_bundle}",
+                     f"bundle {bundle_dir}", min_cosine=INT8_MIN_COSINE)  # fmt: skip
     shapes = weight_matmul_shapes(bundle.path(QUERY_ENCODER_FILE))
     log.info("floor: %d weight MatMuls of %d shapes in the query graph", sum(shapes.values()), len(shapes))
 

@@ -47,9 +47,28 @@ class TorchQueryEncoder:
         return h.numpy()
 
 
+def check_parity(
+    engine: Any, encoder: Any, reference: Any, what: str, of: str, min_cosine: float | None = None
+) -> None:
+    """KarmaError unless `encoder` gives `reference`'s h_t on two probe requests built by `engine.feeds`:
+    max |diff| <= PARITY_TOLERANCE, or (a quantised graph) min cosine >= `min_cosine`."""
+    import numpy as np
+
+    rows = np.arange(min(7, engine.n_items), dtype=np.int64)
+    feeds = engine.feeds(["a probe query", ""], [rows, rows[:2]])
+    got, want = encoder.encode_query(feeds), reference.encode_query(feeds)
+    if min_cosine is None:
+        diff = float(np.abs(got - want).max())
+        if diff > PARITY_TOLERANCE:
+            raise KarmaError(f"{what} is not the model of {of}: max |h - h_onnx| = {diff:.2e} > {PARITY_TOLERANCE:.0e}")
+        return
+    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1) + 1e-12)
+    if float(cos.min()) < min_cosine:
+        raise KarmaError(f"{what} is not the model of {of}: min cosine of h = {float(cos.min()):.4f} < {min_cosine}")
+
+
 def naive_engine(directory: Path, checkpoint: Path) -> Any:
     """An `Engine` over the bundle in `directory` whose query encoder is the checkpoint's PyTorch tower."""
-    import numpy as np
 
     from karma.bundle import load_bundle
     from service.engine import Engine
@@ -57,14 +76,7 @@ def naive_engine(directory: Path, checkpoint: Path) -> Any:
     bundle = load_bundle(directory)
     engine = Engine(bundle, TorchQueryEncoder(Path(checkpoint), bundle.manifest.dims.feature_dim))
     reference = bundle.open_sessions(intra_op_threads=1, inter_op_threads=1)
-    rows = np.arange(min(7, engine.n_items), dtype=np.int64)
-    feeds = engine.feeds(["a probe query", ""], [rows, rows[:2]])
-    diff = float(np.abs(engine.sessions.encode_query(feeds) - reference.encode_query(feeds)).max())
-    if diff > PARITY_TOLERANCE:
-        raise KarmaError(
-            f"checkpoint {checkpoint} is not the model of bundle {directory}: "
-            f"max |h_torch - h_onnx| = {diff:.2e} > {PARITY_TOLERANCE:.0e}"
-        )
+    check_parity(engine, engine.sessions, reference, f"checkpoint {checkpoint}", f"bundle {directory}")
     engine.probe()
     engine.warm(1)
     return engine

@@ -145,6 +145,26 @@ def prepare_bundles(cfg: BenchConfig, progress: Progress) -> Bundles:
     )
 
 
+def check_options(cfg: BenchConfig) -> None:
+    """KarmaError for options that would only fail after minutes of building and measuring."""
+    from karma.bundle import MANIFEST_FILE
+
+    chosen = chosen_backends(cfg)
+    check_history_mix(cfg.history_mix)
+    if cfg.quick and cfg.profile != "tiny":
+        raise KarmaError(f"--quick is the tiny model's smoke run; for --profile {cfg.profile} set --rates/--duration")
+    if any(b < 1 for b in cfg.floor_batches):
+        raise KarmaError(f"--floor-batches: batch sizes must be >= 1, got {cfg.floor_batches}")
+    bundles = [("--int8-bundle", cfg.int8_bundle)] if cfg.int8_bundle else []
+    bundles += [(f"--variant {b.name!r}", Path(x.partition("=")[2])) for b in chosen for x in b.sets
+                if x.startswith("serve.bundle=")]  # fmt: skip
+    for option, path in bundles:
+        if not (path / MANIFEST_FILE).is_file():
+            raise KarmaError(f"{option}: {path} is not a bundle folder (no {MANIFEST_FILE})")
+    if cfg.int8_bundle and "floor" not in cfg.parts:
+        raise KarmaError("--int8-bundle is measured by part floor, which --parts leaves out")
+
+
 def check_history_mix(mix: str) -> None:
     if mix not in ("fixed", "uniform"):
         raise KarmaError(f"--history-mix: {mix!r} is neither fixed nor uniform")
@@ -280,7 +300,8 @@ def serving(backend: Backend, bundles: Bundles, cfg: BenchConfig) -> Iterator[st
             bundle = Path(setting.partition("=")[2])
         else:
             sets.append(setting)
-    with harness.karma_serve(bundle, cfg.redis_url, sets=sets, entry=entry, timeout_s=300) as (base, _):
+    # The server runs from the repository root: give it absolute paths, as the in-process parts read them.
+    with harness.karma_serve(bundle.resolve(), cfg.redis_url, sets=sets, entry=entry, timeout_s=300) as (base, _):
         yield base
 
 
@@ -492,6 +513,7 @@ def run_floor_part(cfg: BenchConfig, bundles: Bundles, bodies: list[dict], progr
     from bench.floor import run_floor
 
     assert bundles.b is not None and bundles.checkpoint is not None
+    typical = None if typical is None or math.isnan(typical) else typical
     sizes = sorted({*cfg.floor_batches, *([max(1, round(typical))] if typical else [])})
     progress.step(f"floor: encoder time vs FLOP floor at batch {', '.join(map(str, sizes))}")
     out = run_floor(bundles.b, bundles.checkpoint, bodies, sizes, int8_bundle=cfg.int8_bundle)
@@ -600,8 +622,7 @@ def main(quick: bool, given: dict[str, Any], command: str) -> dict[str, Any]:
     if unknown:
         raise KarmaError(f"--parts: unknown part(s) {unknown}; known: {', '.join(PARTS)}")
     cfg = config_for(quick, **given)
-    chosen_backends(cfg)  # a bad --backends/--variant/--history-mix fails here, not after the bundles are built
-    check_history_mix(cfg.history_mix)
+    check_options(cfg)  # a bad option fails here, not after the bundles are built
     results = run_bench(cfg, command)
     print((cfg.out / "bench.md").read_text())
     return results

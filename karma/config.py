@@ -462,8 +462,8 @@ class ServeConfig(StrictModel):
             "Token budget of one encoder batch (TEI's --max-batch-tokens): batch size x (longest history in "
             "the batch + max_query_tokens + 1). Bounds the encoder's memory whatever a bundle's max_history; "
             "a bundle whose single request is over it is refused at load, and the warm-up batch fits it. "
-            "For an LLM tower set it to a few full-length requests (SmolLM2-4L: 240), so short histories are "
-            "not padded to a long one and no batch holds the encoder for long."
+            "For an LLM tower a budget of a few full-length requests is worth measuring (SmolLM2-4L on 2 cores: "
+            "240 gave the best tail beyond the knee, no gain at it; docs/BENCHMARKS.md)."
         ),
     )
     load_memory_budget_mb: int = Field(

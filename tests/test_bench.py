@@ -184,7 +184,9 @@ def test_naive_backend_ranks_like_the_onnx_service(tiny_export: tuple[Path, Path
         naive_engine(bundle, other)
 
 
-def test_floor_counts_the_flops_export_counted_and_finds_every_weight_matmul(tiny_export: tuple[Path, Path]) -> None:
+def test_floor_counts_the_flops_export_counted_and_finds_every_weight_matmul(
+    tiny_export: tuple[Path, Path], tmp_path: Path
+) -> None:
     """The floor's FLOPs (FlopCounterMode on the served tower, fed by the service's own Engine.feeds) at the
     reference request equal the manifest's query_flops (export.cost, counted on the exported modules), and
     the GEMM shapes it prices are the graph's weight MatMuls: per decoder layer q, k, v, o, gate, up, down."""
@@ -210,6 +212,16 @@ def test_floor_counts_the_flops_export_counted_and_finds_every_weight_matmul(tin
     ((inner, layers),) = downs.items()
     assert layers >= 1 and shapes[(hidden, inner)] == 2 * layers  # gate and up of each layer
     assert shapes[(hidden, hidden)] >= 2 * layers  # q and o (k and v too without grouped-query attention)
+
+    # An int8 export keeps the MLP down-projections fp32: its floor prices that share at the fp32 rate.
+    from bench.floor import fp32_share
+    from export.optimize import quantize_graph
+
+    quantize_graph(bundle.path(QUERY_ENCODER_FILE), tmp_path / "q8.onnx")
+    down = inner * hidden * layers
+    everything = sum(k * n * c for (k, n), c in shapes.items())
+    assert fp32_share(bundle.path(QUERY_ENCODER_FILE)) == 1.0
+    assert fp32_share(tmp_path / "q8.onnx") == pytest.approx(down / everything)
 
 
 @needs_redis
@@ -305,6 +317,14 @@ def test_karma_bench_help_and_bad_parts() -> None:
     bad_profile = subprocess.run([KARMA_BIN, "bench", "--profile", "huge"], capture_output=True, text=True, timeout=60)
     assert bad_profile.returncode == 2
     assert "--profile: unknown profile 'huge'; known: tiny, smollm2" in bad_profile.stderr
+    for args, says in (
+        (["--quick", "--profile", "smollm2"], "--quick is the tiny model's smoke run"),
+        (["--floor-batches", "0,8"], "--floor-batches: batch sizes must be >= 1"),
+        (["--int8-bundle", "/nonexistent"], "--int8-bundle: /nonexistent is not a bundle folder"),
+        (["--variant", "q:serve.bundle=/nope"], "--variant 'q': /nope is not a bundle folder"),
+    ):
+        got = subprocess.run([KARMA_BIN, "bench", *args], capture_output=True, text=True, timeout=60)
+        assert got.returncode == 2 and says in got.stderr and "Traceback" not in got.stderr, (args, got.stderr)
     bad_mix = subprocess.run([KARMA_BIN, "bench", "--history-mix", "zipf"], capture_output=True, text=True, timeout=60)
     assert bad_mix.returncode == 2 and "--history-mix: 'zipf' is neither fixed nor uniform" in bad_mix.stderr
     typo = subprocess.run([KARMA_BIN, "bench", "--rates", "fast"], capture_output=True, text=True, timeout=60)
