@@ -67,9 +67,17 @@ def _integral(value: Any) -> Any:
     return value
 
 
+# Exactly the characters check_text refuses: category Cc (U+0000-001F, U+007F-009F) but tab, newline and
+# carriage return, and category Cs (surrogates). One C-speed scan instead of a Python loop per character:
+# a /search body holds up to max_history ids, and the loop was ~0.2 ms of a 50-id request.
+_REFUSED_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def check_text(value: str, what: str) -> str:
     """Refuse control characters and lone surrogates (which cannot even be encoded as UTF-8)."""
-    for ch in value:
+    if _REFUSED_CHARS.search(value) is None:
+        return value
+    for ch in value:  # which one, for the message
         cat = unicodedata.category(ch)
         if cat == "Cs":
             raise ValueError(f"{what} contains a lone UTF-16 surrogate (U+{ord(ch):04X}); send valid Unicode")

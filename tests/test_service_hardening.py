@@ -18,6 +18,32 @@ from service.app import create_app
 from service.history import mask_url
 
 
+def test_text_rules_refuse_exactly_control_characters_and_surrogates() -> None:
+    """check_text's one-regex fast path refuses exactly what its per-character rule (Unicode categories Cc
+    but tab/newline/CR, and Cs) refuses, over every code point; the message still names the character."""
+    import sys
+    import unicodedata
+
+    from service.schemas import check_id, check_text
+
+    def refused(ch: str) -> bool:
+        try:
+            check_text(f"ok{ch}ok", "history[3]")
+        except ValueError as exc:
+            assert f"U+{ord(ch):04X}" in str(exc) and "history[3]" in str(exc)
+            return True
+        return False
+
+    def rule(ch: str) -> bool:
+        category = unicodedata.category(ch)
+        return category == "Cs" or (category == "Cc" and ch not in "\t\n\r")
+
+    assert [cp for cp in range(sys.maxunicode + 1) if refused(chr(cp)) != rule(chr(cp))] == []
+    assert check_id("item-7 ü 東京", "id") == "item-7 ü 東京"
+    with pytest.raises(ValueError, match="blank"):
+        check_id(" \t", "id")
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
