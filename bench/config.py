@@ -19,7 +19,7 @@ class BenchConfig:
     parts: tuple[str, ...] = PARTS
     backends: tuple[str, ...] = ("service", "batching off", "naive")  # part serving: which of BACKENDS
     variants: list[str] = field(default_factory=list)  # part serving: more service backends, "NAME:KEY=V,KEY=V"
-    profile: str = "tiny"  # the model the built bundles hold: a key of PROFILES
+    profile: str = "tiny"  # the model the built bundles hold: a key of PROFILE_TRAIN / PROFILE_RUN
     train_sets: list[str] = field(default_factory=list)  # when building: training overrides
     items: int = 10_000  # when building: synthetic catalog size
     history: int | None = None  # history items per request (default: the model's max_history)
@@ -72,7 +72,7 @@ PROFILE_TRAIN = {
         "eval.max_users=200",
     ],
     # The tower people deploy (configs/smollm2-cpu.yaml): SmolLM2-135M-Instruct, first 4 decoder layers,
-    # max_history 50; 20 steps of 8 windows (~5 min per bundle on one core).
+    # max_history 50; 20 steps of 8 windows (~2 min of training + 15 s of export per bundle on one core).
     "smollm2": [
         "model.backbone=smollm2-135m",
         "model.num_layers=4",
@@ -90,7 +90,7 @@ PROFILE_TRAIN = {
 }
 
 # What each profile changes in the run besides the bundles: the SmolLM2 tower costs ~2 GFLOP per request
-# (~12 ms on one core), so its rate ladder is ~10x lower, and the index bench (model-independent) is left out.
+# (15-20 ms on one core), so its rate ladder is ~10x lower, and the index bench (model-independent) is left out.
 PROFILE_RUN: dict[str, dict] = {
     "tiny": {},
     "smollm2": {

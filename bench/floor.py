@@ -27,6 +27,7 @@ the batch sizes when that part ran first.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import statistics
 import time
@@ -83,13 +84,8 @@ def _timed(run: Any, min_s: float = REPEAT_S, min_runs: int = 3) -> float:
 
 def _cycled(encode: Any, batches: list[dict[str, np.ndarray]]) -> Any:
     """A no-argument call that encodes the next of `batches` each time (distinct inputs, no cache effects)."""
-    state = {"at": 0}
-
-    def run() -> Any:
-        state["at"] += 1
-        return encode(batches[state["at"] % len(batches)])
-
-    return run
+    upcoming = itertools.cycle(batches)
+    return lambda: encode(next(upcoming))
 
 
 def _matmul_session(k: int, n: int, int8: bool, threads: int) -> Any:
@@ -170,10 +166,11 @@ def run_floor(
     engine = Engine(bundle, sessions[threads[0]])
     tower = TorchQueryEncoder(checkpoint, bundle.manifest.dims.feature_dim)
     check_parity(engine, tower, sessions[threads[0]], f"checkpoint {checkpoint}", f"bundle {bundle_dir}")
-    int8_fp32 = fp32_share(load_bundle(int8_bundle).path(QUERY_ENCODER_FILE)) if int8_bundle else None
-    int8_sessions = None
+    int8_fp32 = int8_sessions = None
     if int8_bundle is not None:  # the same model quantised: close to the fp32 graph, never another model
-        int8_sessions = load_bundle(int8_bundle).open_sessions(intra_op_threads=1, inter_op_threads=1)
+        quantised = load_bundle(int8_bundle)
+        int8_fp32 = fp32_share(quantised.path(QUERY_ENCODER_FILE))
+        int8_sessions = quantised.open_sessions(intra_op_threads=1, inter_op_threads=1)
         check_parity(engine, int8_sessions, sessions[threads[0]], f"int8 bundle {int8_bundle}",
                      f"bundle {bundle_dir}", min_cosine=INT8_MIN_COSINE)  # fmt: skip
     shapes = weight_matmul_shapes(bundle.path(QUERY_ENCODER_FILE))
@@ -231,7 +228,7 @@ def run_floor(
         "threads": list(threads),
         "weight_matmuls": sum(shapes.values()),
         "weight_shapes": [{"k": k, "n": n, "count": c} for (k, n), c in sorted(shapes.items())],
-        "gemm": [v for v in rates.values()],
+        "gemm": list(rates.values()),
         "int8_bundle": None if int8_bundle is None else str(int8_bundle),
         "int8_bundle_fp32_share": int8_fp32,
         "method": (

@@ -69,7 +69,6 @@ def check_parity(
 
 def naive_engine(directory: Path, checkpoint: Path) -> Any:
     """An `Engine` over the bundle in `directory` whose query encoder is the checkpoint's PyTorch tower."""
-
     from karma.bundle import load_bundle
     from service.engine import Engine
 

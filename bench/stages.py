@@ -18,17 +18,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.stats import percentiles
+
 STAGES = ("history", "featurize", "queue", "encode", "search", "total", "overhead", "client")
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {
-        "p50": round(float(np.percentile(a, 50)), 4),
-        "p90": round(float(np.percentile(a, 90)), 4),
-        "p99": round(float(np.percentile(a, 99)), 4),
-        "mean": round(float(a.mean()), 4),
-    }
 
 
 class RawClient:
@@ -92,7 +84,7 @@ def time_requests(client: Any, bodies: list[dict], n: int, start: int = 0) -> li
 
 def summarize_stages(rows: list[dict[str, float]]) -> dict[str, Any]:
     """Per-stage percentiles and the share of the request outside encode + search."""
-    stages = {s: percentiles([r.get(s, 0.0) for r in rows]) for s in STAGES}
+    stages = {s: percentiles([r.get(s, 0.0) for r in rows], (50, 90, 99)) for s in STAGES}
     shares = [r["overhead"] / r["total"] for r in rows if r["total"] > 0]
     return {
         "requests": len(rows),
