@@ -63,7 +63,10 @@ UNIT, INTEGRATION, E2E = "unit", "integration", "e2e"
 TIERS = {
     # unit: pure functions and small models in-process; no Redis, no ONNX Runtime session, no server
     **dict.fromkeys(
-        ["config", "evaluation", "layout", "losses", "model", "movielens", "plots", "progress", "split", "synthetic"],
+        [
+            *("config", "evaluation", "intervals", "layout", "losses", "model"),
+            *("movielens", "plots", "progress", "split", "synthetic"),
+        ],
         UNIT,
     ),
     # integration: real Redis, ONNX Runtime, FAISS, the HTTP app, tiny trained models and bundles

@@ -34,15 +34,19 @@ def test_every_run_and_baseline_is_reported(smoke) -> None:
     assert set(results["runs"]) == {"action-only-s0", "action-only-s1", "recon-s0"}
     reference = results["warmup_reference"]  # the model as the action stage found it: 1 action step
     assert reference["run"] == "warmup-only-s0" and reference["trained_step"] == 2 + 1
-    assert set(results["baselines"]) == {"popular", "content", "sasrec"}
+    assert set(results["baselines"]) == {"popular", "content", "sasrec", "sasrec-cpu"}
     report = (study.report_path / "RESULTS.md").read_text()
-    # Two seeds give mean ± std; one seed gives a bare number.
-    action = next(line for line in report.splitlines() if line.startswith("| `action-only` | 2 |"))
-    assert action.count("±") >= 7
-    recon = next(line for line in report.splitlines() if line.startswith("| `recon` | 1 |"))
-    assert "±" not in recon
-    for label in ("most-popular", "frozen content (text:hashing-128)", "SASRec"):
+    # Every model gets a 95% interval per metric; the seed-paired delta table keeps mean ± std over seeds.
+    action = next(line for line in report.splitlines() if line.startswith("| `action-only` | 2 | 0."))
+    assert action.count(" [") == 6
+    recon_delta = next(line for line in report.splitlines() if line.startswith("| `recon` | 1 | +") or
+                       line.startswith("| `recon` | 1 | -"))  # fmt: skip
+    assert recon_delta.count(" [") >= 3
+    for label in ("most-popular", "frozen content (text:hashing-128)", "SASRec", "SASRec at equal training CPU"):
         assert f"| {label} |" in report
+    headings = ["### all test users", *(f"### {seg} targets" for seg in ("warm", "cold", "head", "torso", "tail"))]
+    for heading in [*headings, "## KARMA beside SASRec at equal training CPU"]:
+        assert heading in report
     assert "served graphs identical" in report
     assert "| before the action stage | `action-only` | `recon` | reference |" in report
     assert "full ranking over all 1000 catalog items" in report
@@ -76,6 +80,34 @@ def test_aggregates_match_the_runs_and_their_ranks(smoke) -> None:
     assert len({json.dumps(e["served_parameters"], sort_keys=True) for e in exports}) == 1
     assert len({e["cost"]["query_flops"] for e in exports}) == 1
     assert results["compare"]["identical_served_graphs"] is True
+
+
+def test_buckets_intervals_and_equal_cpu_sasrec(smoke) -> None:
+    study, results = smoke
+    runs = results["runs"]
+    m = runs["recon-s0"]["metrics"]
+    # Every warm target is in exactly one popularity bucket; cold targets in none.
+    assert sum(m[b]["count"] for b in ("head", "torso", "tail")) == m["warm"]["count"] and m["cold"]["count"] > 0
+    data = np.load(study.artifacts_dir / "runs" / "recon-s0" / RANKS_FILE)
+    assert ((data["bucket"] == -1) == data["cold"]).all()
+    assert metrics_from_ranks(data["ranks"][data["bucket"] == 2], (200,))["HR@200"] == pytest.approx(
+        m["tail"]["HR@200"]
+    )
+    intervals = results["intervals"]
+    hr = intervals["models"]["action-only"]["all"]["HR@200"]
+    assert hr["seeds"] == 2 and hr["users"] == m["all"]["count"]
+    assert hr["mean"] == pytest.approx(results["presets"]["action-only"]["metrics"]["all"]["HR@200"]["mean"])
+    assert hr["lo"] <= hr["mean"] <= hr["hi"] and hr["lo"] < hr["hi"]
+    delta = intervals["deltas"]["recon"]["tail"]["HR@10"]
+    assert delta["paired_seeds"] == [0]
+    assert delta["mean"] == pytest.approx(m["tail"]["HR@10"] - runs["action-only-s0"]["metrics"]["tail"]["HR@10"])
+    assert intervals["models"]["popular"]["cold"]["HR@200"]["mean"] == 0.0  # popularity never finds a cold item
+    # SASRec again, under the training-loop CPU of action-only-s0.
+    cpu = results["baselines"]["sasrec-cpu"]
+    assert cpu["settings"]["max_cpu_seconds"] == round(runs["action-only-s0"]["seconds"]["train_cpu"], 1)
+    assert cpu["training"]["epochs"] >= 1 and cpu["training"]["train_cpu"] > 0
+    assert set(intervals["vs_sasrec_cpu"]) == {"action-only"}
+    assert (study.report_path / "ranks.npz").exists()
 
 
 def test_finished_runs_are_reused_and_other_configs_refused(smoke) -> None:
@@ -168,15 +200,18 @@ def test_adopt_writes_back_recorded_runs_and_refuses_other_configs(smoke, tmp_pa
     fresh = study.model_copy(update={"artifacts": tmp_path / "artifacts", "report_dir": tmp_path / "report"})
     outcome = adopt_results(fresh, published)
     assert sorted(outcome["adopted"]) == sorted(
-        [*results["runs"], "warmup-only-s0", "baseline popular", "baseline content", "baseline sasrec"]
+        [*results["runs"], "warmup-only-s0", *(f"baseline {b}" for b in ("popular", "content", "sasrec", "sasrec-cpu"))]
     )
     assert outcome["refused"] == [] and adopt_results(fresh, published)["kept"] == outcome["adopted"]
+    fresh.report_path.mkdir(parents=True)  # the report's rank archive travels with it: the same intervals
+    (fresh.report_path / "ranks.npz").write_bytes((study.report_path / "ranks.npz").read_bytes())
     again = run_study(fresh, progress=False, figures=False, only=["sasrec"])  # everything is there: no training
     assert (
         again["status"]["missing"] == [] and not (tmp_path / "artifacts" / "runs" / "recon-s0" / "checkpoint").exists()
     )
     for name, run in again["runs"].items():
         assert run["metrics"] == results["runs"][name]["metrics"] and run["adopted"]["from"] == str(published)
+    assert again["intervals"] == json.loads(published.read_text())["intervals"]
     report = (fresh.report_path / "RESULTS.md").read_text()
     assert "**Adopted runs:** warmup-only-s0" not in report and "action-only-s0 (adopted)" in report
     assert rediagnose(fresh) == []  # adopted runs have no checkpoint to re-diagnose
@@ -191,3 +226,10 @@ def test_adopt_writes_back_recorded_runs_and_refuses_other_configs(smoke, tmp_pa
     wrong.write_text(json.dumps({"study": {"name": "ml-1m"}}))
     with pytest.raises(KarmaError, match="holds study 'ml-1m', not 'smoke'"):
         adopt_results(fresh, wrong)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_study_file_loads(path: Path) -> None:
+    """Each study file validates (overrides, presets, SASRec settings) and is named as its regenerate command says."""
+    study = load_study(path)
+    assert study.name == path.stem and REPO / "studies" / f"{study.name}.yaml" == path

@@ -21,9 +21,19 @@ from typing import Any
 import numpy as np
 
 from karma.errors import KarmaError
-from recipes.study.aggregate import paired_deltas, preset_table
-from recipes.study.config import REFERENCE_PRESET, StudyConfig, load_study
+from recipes.study.aggregate import METRIC_KEYS, paired_deltas, preset_table
+from recipes.study.config import REFERENCE_PRESET, SASREC_CPU, StudyConfig, load_study
 from recipes.study.figures import CURVES_FIGURE, HR_FIGURE, plot_diagnostics, plot_hr_at_k, plot_training_curves
+from recipes.study.intervals import (
+    ARCHIVE,
+    INTERVAL_RULE,
+    Bootstrap,
+    RankRuns,
+    against_one,
+    model_intervals,
+    paired_intervals,
+    update_archive,
+)
 from recipes.study.report import baseline_label, render
 from recipes.study.runs import (
     BUNDLE_DIR,
@@ -35,6 +45,7 @@ from recipes.study.runs import (
     execute_run,
     finished_record,
     refresh_diagnostics,
+    sasrec_cpu_settings,
     signature,
     write_json,
 )
@@ -72,6 +83,7 @@ def run_study(
     command = command or _command(study, extra)
     if only is not None:
         known = {study.run_name(p, s) for p, s in study.plan()} | {study.reference_run_name, *study.baselines}
+        known |= {SASREC_CPU} if study.sasrec_cpu_match else set()
         unknown = sorted(set(only) - known)
         if unknown:
             raise KarmaError(
@@ -104,6 +116,9 @@ def run_study(
         else:
             if "sasrec" in study.baselines and wanted("sasrec"):
                 execute_baseline("sasrec", base, baseline_dir, study.sasrec, study.seeds[0], progress)
+            settings = sasrec_cpu_settings(study, extra)
+            if settings is not None and wanted(SASREC_CPU):
+                execute_baseline("sasrec", base, baseline_dir, settings, study.seeds[0], progress, label=SASREC_CPU)
     return build_report(study, extra, command, figures=figures)
 
 
@@ -153,11 +168,14 @@ def _load_runs(study: StudyConfig, extra: Sequence[str]) -> tuple[dict[str, Any]
 
 def _load_baselines(study: StudyConfig, extra: Sequence[str]) -> dict[str, Any]:
     base = study.run_config(REFERENCE_PRESET, study.seeds[0], extra)
+    wanted = [(name, name, study.sasrec) for name in study.baselines]
+    if (settings := sasrec_cpu_settings(study, extra)) is not None:
+        wanted.append((SASREC_CPU, "sasrec", settings))
     out = {}
-    for name in study.baselines:
-        path = study.artifacts_dir / "baselines" / f"{name}.json"
-        if (result := finished_record(path, baseline_signature(base, name, study.sasrec))) is not None:
-            out[name] = result
+    for label, name, settings in wanted:
+        path = study.artifacts_dir / "baselines" / f"{label}.json"
+        if (result := finished_record(path, baseline_signature(base, name, settings))) is not None:
+            out[label] = result
     return out
 
 
@@ -197,6 +215,7 @@ def build_report(
         "presets": {p: preset_table(by_preset[p]) for p in study.presets if p in by_preset},
         "baselines": baselines,
         "deltas": paired_deltas(by_preset),
+        "intervals": _intervals(study, runs, folders, baselines),
         "diagnostics_reference": next(iter(runs.values()))["diagnostics"]["reference"] if runs else {},
         "compare": _compare(study, folders),
         "figures": drawn,
@@ -205,6 +224,55 @@ def build_report(
     (out_dir / RESULTS_MD).write_text(render(study, json.loads((out_dir / RESULTS_JSON).read_text())))
     log.info("study %s: %d/%d runs finished; report in %s", study.name, len(runs), len(study.plan()), out_dir)
     return results
+
+
+def _intervals(
+    study: StudyConfig, runs: dict[str, Any], folders: dict[str, Path], baselines: dict[str, Any]
+) -> dict[str, Any]:
+    """Bootstrap intervals of every model and paired deltas vs action-only (and vs SASRec at equal CPU).
+
+    Ranks come from the runs' folders, merged into the report's archive (`ranks.npz`), so a checkout
+    without the artifacts regenerates the same intervals.
+    """
+    files: dict[str, dict[int, Path]] = {}
+    for name, folder in folders.items():
+        if (folder / RANKS_FILE).exists():
+            files.setdefault(runs[name]["preset"], {})[runs[name]["seed"]] = folder / RANKS_FILE
+    for label in baselines:
+        path = study.artifacts_dir / "baselines" / f"{label}_{RANKS_FILE}"
+        if path.exists():
+            files[label] = {study.seeds[0]: path}
+    archived = update_archive(study.report_path / ARCHIVE, files)
+    finished = {}  # only what this report's tables hold (an archive may keep a model since dropped)
+    for preset in study.presets:
+        seeds = sorted(r["seed"] for r in runs.values() if r["preset"] == preset)
+        if preset in archived and seeds and set(seeds) <= set(archived[preset].seeds):
+            finished[preset] = _subset(archived[preset], seeds)
+    finished.update({label: archived[label] for label in baselines if label in archived})
+    if not finished:
+        return {}
+    boot = Bootstrap(len(next(iter(finished.values())).ranks[0]))
+    out: dict[str, Any] = {
+        "rule": INTERVAL_RULE,
+        "models": {m: model_intervals(boot, r, METRIC_KEYS) for m, r in finished.items()},
+        "deltas": {},
+        "vs_sasrec_cpu": {},
+    }
+    if REFERENCE_PRESET in finished:
+        for preset in study.presets:
+            if preset != REFERENCE_PRESET and preset in finished:
+                reference = finished[REFERENCE_PRESET]
+                out["deltas"][preset] = paired_intervals(boot, finished[preset], reference, METRIC_KEYS)
+    if SASREC_CPU in finished:
+        for preset in study.headline:
+            if preset in finished:
+                out["vs_sasrec_cpu"][preset] = against_one(boot, finished[preset], finished[SASREC_CPU], METRIC_KEYS)
+    return out
+
+
+def _subset(runs: RankRuns, seeds: Sequence[int]) -> RankRuns:
+    rows = [runs.seeds.index(s) for s in seeds]
+    return RankRuns(tuple(seeds), runs.ranks[rows], runs.masks)
 
 
 def _load_reference(study: StudyConfig, extra: Sequence[str]) -> tuple[dict[str, Any], Path] | None:

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from karma.errors import KarmaError
-from recipes.study.config import REFERENCE_PRESET, StudyConfig
+from recipes.study.config import REFERENCE_PRESET, SASREC_CPU, StudyConfig
 from recipes.study.runs import (
     ADOPTED_KEY,
     RUN_RESULT,
     baseline_signature,
     finished_record,
     same_signature,
+    sasrec_cpu_settings,
     signature,
     signature_differences,
     write_json,
@@ -64,11 +65,17 @@ def adopt_results(study: StudyConfig, source: Path, extra: Sequence[str] = ()) -
         _adopt_one(name, record, signature(config), run_dir(config) / RUN_RESULT, stamp, outcome)
 
     base = study.run_config(REFERENCE_PRESET, study.seeds[0], extra)
+    cpu_settings = sasrec_cpu_settings(study, extra)  # from the runs adopted above
     for name, record in published.get("baselines", {}).items():
-        if name not in study.baselines:
+        if name == SASREC_CPU and study.sasrec_cpu_match is not None:
+            # The budget comes from the matched run; without it here, check the rest against the record's budget.
+            recorded = {**study.sasrec, "max_cpu_seconds": record.get("settings", {}).get("max_cpu_seconds")}
+            current = baseline_signature(base, "sasrec", cpu_settings or recorded)
+        elif name in study.baselines:
+            current = baseline_signature(base, name, study.sasrec)
+        else:
             outcome["refused"].append(f"baseline {name}: not in this study")
             continue
-        current = baseline_signature(base, name, study.sasrec)
         target = study.artifacts_dir / "baselines" / f"{name}.json"
         _adopt_one(f"baseline {name}", record, current, target, stamp, outcome)
     for key, names in outcome.items():

@@ -42,7 +42,7 @@ def preset_table(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     diagnostics = {k: spread([r["diagnostics"]["summary"].get(k) for r in runs]) for k in diag_keys}
     seconds = {
         k: spread([r["seconds"].get(k) for r in runs])
-        for k in ("train", "train_cpu_per_step", "evaluate", "diagnose", "export")
+        for k in ("train", "train_cpu", "targets", "train_cpu_per_step", "evaluate", "diagnose", "export")
     }
     return {
         "seeds": [r["seed"] for r in runs],

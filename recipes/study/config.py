@@ -21,6 +21,7 @@ from karma.errors import ConfigError
 Preset = Literal["action-only", "gen", "recon", "karma-text", "karma", "img-mse"]
 Baseline = Literal["popular", "content", "sasrec"]
 REFERENCE_PRESET = "action-only"
+SASREC_CPU = "sasrec-cpu"  # the SASRec baseline under the training-CPU budget of `sasrec_cpu_match`
 WARMUP_REFERENCE = "warmup-only"
 
 
@@ -48,6 +49,15 @@ class StudyConfig(StrictModel):
     sasrec: dict[str, Any] = Field(
         default_factory=dict, description="SASRecConfig fields for the SASRec baseline (seeded with the first seed)."
     )
+    sasrec_cpu_match: Preset | None = Field(
+        None,
+        description=(
+            "Also train SASRec (baseline `sasrec-cpu`, the `sasrec` settings otherwise) with a training-CPU budget "
+            "equal to the training-loop CPU seconds of this preset's first-seed run, so the two stand side by side "
+            "at equal compute. SASRec stops after the epoch that reaches the budget, so it may overshoot by one epoch; "
+            "the report gives both CPU figures."
+        ),
+    )
     diagnose_users: int = Field(256, ge=2, description="Test users for the collapse diagnostics of every run.")
     export: bool = Field(True, description="Export every run to a bundle (parity-checked) and compare served graphs.")
     compare_requests: int = Field(200, ge=10, description="Interleaved requests of the action-only vs karma timing.")
@@ -69,6 +79,8 @@ class StudyConfig(StrictModel):
         missing = [p for p in self.headline if p not in self.presets]
         if missing:
             raise ValueError(f"headline presets {missing} are not in presets")
+        if self.sasrec_cpu_match is not None and self.sasrec_cpu_match not in self.presets:
+            raise ValueError(f"sasrec_cpu_match {self.sasrec_cpu_match!r} is not in presets")
         if len(set(self.seeds)) != len(self.seeds) or len(set(self.presets)) != len(self.presets):
             raise ValueError("seeds and presets must not repeat")
         return self

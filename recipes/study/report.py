@@ -11,10 +11,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from recipes.study.aggregate import METRIC_KEYS
-from recipes.study.config import REFERENCE_PRESET, StudyConfig
+from recipes.study.config import REFERENCE_PRESET, SASREC_CPU, StudyConfig
 from recipes.study.figures import CURVES_FIGURE, HR_FIGURE, LAYERS_FIGURE, MAPS_FIGURE
 from recipes.study.runs import ADOPTED_KEY
 from training.diagnostics import METRIC_LABELS
+from training.evaluation.popularity import BUCKET_RULE
 
 PAPER = (
     "The paper (KARMA, arXiv 2603.22779, Taobao) reports, against action-only training, +19.19 HR@200 from "
@@ -22,7 +23,12 @@ PAPER = (
     "generation too (our `karma-text`; our `karma` adds the flow-matching L_img), as quoted in DESIGN.md, "
     "which does not say whether these are points or percent; both are given below."
 )
-BASELINE_LABELS = {"popular": "most-popular", "content": "frozen content", "sasrec": "SASRec"}
+BASELINE_LABELS = {
+    "popular": "most-popular",
+    "content": "frozen content",
+    "sasrec": "SASRec",
+    SASREC_CPU: "SASRec at equal training CPU",
+}
 
 
 def baseline_label(name: str, result: Mapping[str, Any] | None = None) -> str:
@@ -116,9 +122,17 @@ def render(study: StudyConfig, results: Mapping[str, Any]) -> str:
         + ".",
         "",
     ]
-    lines += _quality_table(study, presets, baselines)
-    if any("cold" in p["metrics"] for p in presets.values()):
-        lines += _warm_cold_table(study, presets, baselines)
+    intervals = results.get("intervals") or {}
+    if intervals.get("models"):
+        lines += _interval_tables(study, presets, baselines, intervals)
+    else:  # a report from before per-user intervals: seed spread only
+        lines += _quality_table(study, presets, baselines)
+        if any("cold" in p["metrics"] for p in presets.values()):
+            lines += _warm_cold_table(study, presets, baselines)
+    if intervals.get("deltas"):
+        lines += _interval_delta_table(study, intervals)
+    if intervals.get("vs_sasrec_cpu"):
+        lines += _sasrec_cpu_table(study, presets, baselines, intervals)
     lines += _delta_table(study, results["deltas"])
     lines += _diagnostics_table(
         study, presets, results.get("diagnostics_reference") or {}, results.get("warmup_reference")
@@ -131,6 +145,121 @@ def render(study: StudyConfig, results: Mapping[str, Any]) -> str:
 
 def _ordered(study: StudyConfig, presets: Mapping[str, Any]) -> list[str]:
     return [p for p in study.presets if p in presets]
+
+
+SEGMENT_TITLES = {
+    "all": "all test users",
+    "warm": "warm targets (items seen in training)",
+    "cold": "cold targets (items never seen in training)",
+    "head": "head targets (most-clicked items, first third of training clicks)",
+    "torso": "torso targets (next third of training clicks)",
+    "tail": "tail targets (the long rest, last third of training clicks and never-clicked warm items)",
+}
+HEADLINE_KEYS = ("HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200")
+SEGMENT_DELTA = ("warm", "cold", "head", "torso", "tail")
+
+
+def ci(entry: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 4, signed: bool = False) -> str:
+    """'0.7312 [0.7101, 0.7518]' from an interval entry; '—' when empty."""
+    if not entry or entry.get("mean") is None:
+        return "—"
+    sign = "+" if signed else ""
+    mean, lo, hi = (entry[k] * scale for k in ("mean", "lo", "hi"))
+    return f"{mean:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+
+
+def _model_rows(study: StudyConfig, presets: Mapping[str, Any], baselines: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key in intervals, label) of every preset, then every baseline."""
+    rows = [(p, f"`{p}`") for p in _ordered(study, presets)]
+    return rows + [(name, baseline_label(name, b)) for name, b in baselines.items()]
+
+
+def _train_cpu(presets: Mapping[str, Any], baselines: Mapping[str, Any], key: str) -> str:
+    if key in presets:
+        return fmt(presets[key]["seconds"].get("train_cpu"), 0)
+    return _num((baselines[key].get("training") or {}).get("train_cpu"), 0)
+
+
+def _interval_tables(
+    study: StudyConfig, presets: Mapping[str, Any], baselines: Mapping[str, Any], intervals: Mapping[str, Any]
+) -> list[str]:
+    """One table per segment (all, warm/cold, head/torso/tail): every model, six metrics with 95% intervals."""
+    models = intervals["models"]
+    lines = [
+        "## Retrieval quality with 95% intervals (test split, full ranking)",
+        "",
+        f"Intervals: {intervals['rule']}. Presets with one seed (and every baseline: one run) have intervals over "
+        "users only. Popularity buckets: " + BUCKET_RULE + ".",
+        "",
+    ]
+    rows = [(k, label) for k, label in _model_rows(study, presets, baselines) if k in models]
+    segments = [seg for seg in SEGMENT_TITLES if any(seg in models[k] for k, _ in rows)]
+    for seg in segments:
+        counts = sorted({models[k][seg]["HR@10"]["users"] for k, _ in rows if seg in models[k]})
+        lines += [f"### {SEGMENT_TITLES[seg]} ({'/'.join(map(str, counts))} users)", ""]
+        extra = ["train CPU s"] if seg == "all" else []
+        lines += _header(["model", "seeds", *HEADLINE_KEYS, *extra])
+        for key, label in rows:
+            m = models[key].get(seg)
+            if m is None:
+                continue
+            cells = [label, str(m["HR@10"]["seeds"]), *(ci(m[k]) for k in HEADLINE_KEYS)]
+            lines.append(_row(cells + ([_train_cpu(presets, baselines, key)] if seg == "all" else [])))
+        lines.append("")
+    lines += ["Baselines use the same users, targets, exclusions and tie rule; their protocol lines:", ""]
+    for name, b in baselines.items():
+        extra = f"; SASRec settings: {b['settings']}" if b.get("baseline", name) == "sasrec" else ""
+        lines.append(f"- {baseline_label(name, b)} ({b['seconds']:.0f} s wall{extra}): {b['protocol']}")
+    return [*lines, ""]
+
+
+def _interval_delta_table(study: StudyConfig, intervals: Mapping[str, Any]) -> list[str]:
+    deltas = intervals["deltas"]
+    lines = [f"## Against `{REFERENCE_PRESET}` with 95% intervals (paired by seed and user)", "", PAPER, ""]
+    first = next(iter(deltas.values()))
+    segments = [seg for seg in SEGMENT_DELTA if seg in first]
+    header = ["preset", "seeds", "ΔHR@10", "ΔHR@200", "ΔNDCG@10", "P(Δ ≤ 0), HR@200"]
+    lines += _header([*header, *(f"{seg} ΔHR@200" for seg in segments)])
+    for preset in _ordered(study, deltas):
+        d = deltas[preset]
+        cells = [f"`{preset}`", str(len(d["all"]["HR@200"]["paired_seeds"]))]
+        cells += [ci(d["all"][k], 100.0, 2, signed=True) for k in ("HR@10", "HR@200", "NDCG@10")]
+        cells.append(f"{d['all']['HR@200']['p_le_0']:.3f}")
+        cells += [ci(d[seg]["HR@200"], 100.0, 2, signed=True) for seg in segments]
+        lines.append(_row(cells))
+    lines += [
+        "",
+        "Δ = preset − action-only in points (×100), mean over the paired seeds and users [95% interval]; "
+        f"{intervals['rule']}. P(Δ ≤ 0) is the share of replicates at or below zero (a one-sided bootstrap "
+        "p-value for 'the preset is better'). An interval that contains 0 is no evidence of an effect.",
+        "",
+    ]
+    return lines
+
+
+def _sasrec_cpu_table(
+    study: StudyConfig, presets: Mapping[str, Any], baselines: Mapping[str, Any], intervals: Mapping[str, Any]
+) -> list[str]:
+    sasrec = baselines.get(SASREC_CPU)
+    if sasrec is None:
+        return []
+    training = sasrec.get("training") or {}
+    lines = [
+        "## KARMA beside SASRec at equal training CPU",
+        "",
+        f"SASRec trained under `max_cpu_seconds` = {sasrec['settings'].get('max_cpu_seconds'):.0f} s, the "
+        f"training-loop CPU of `{study.sasrec_cpu_match}` seed {study.seeds[0]} "
+        f"(it used {_num(training.get('train_cpu'), 0)} s: "
+        f"{training.get('epochs')} epochs, best epoch {training.get('best_epoch')} kept by validation). "
+        "Δ = preset − SASRec in points, users paired, over the preset's seeds [95% interval].",
+        "",
+    ]
+    lines += _header(["preset", "seeds", "train CPU s", "ΔHR@10", "ΔHR@50", "ΔHR@200", "ΔNDCG@10", "ΔNDCG@200"])
+    for preset, d in intervals["vs_sasrec_cpu"].items():
+        cells = [f"`{preset}`", str(d["all"]["HR@10"]["seeds"]), _train_cpu(presets, baselines, preset)]
+        cells += [ci(d["all"][k], 100.0, 2, signed=True) for k in ("HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@200")]
+        lines.append(_row(cells))
+    return [*lines, ""]
 
 
 def _quality_table(study: StudyConfig, presets: Mapping[str, Any], baselines: Mapping[str, Any]) -> list[str]:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,10 @@ from karma.config import KarmaConfig
 from karma.errors import KarmaError
 from karma.jsonable import to_jsonable
 from karma.machine import machine
+from recipes.study.config import StudyConfig
 from training.evaluation import eval_targets, protocol_for
 from training.evaluation.metrics import rank_targets
+from training.evaluation.popularity import split_buckets
 from training.evaluation.report import segment_metrics
 
 log = logging.getLogger(__name__)
@@ -112,9 +114,16 @@ def _claim(run: Path, current: Mapping[str, Any]) -> None:
     write_json(marker, current)
 
 
-def save_ranks(path: Path, ranks: torch.Tensor | np.ndarray, targets: Any, cold: np.ndarray | None) -> None:
-    """ranks (0-based, one per evaluated user), their target items, and whether each target is cold."""
-    arrays = {"ranks": np.asarray(ranks, dtype=np.int64), "target_items": np.asarray(targets.items)}
+def save_ranks(
+    path: Path, ranks: torch.Tensor | np.ndarray, targets: Any, cold: np.ndarray | None, buckets: np.ndarray
+) -> None:
+    """ranks (0-based, one per evaluated user), their target items, whether each target is cold and
+    its popularity bucket (index into BUCKETS, -1 = cold): what the report's intervals resample."""
+    arrays = {
+        "ranks": np.asarray(ranks, dtype=np.int64),
+        "target_items": np.asarray(targets.items),
+        "bucket": np.asarray(buckets, dtype=np.int8)[targets.items],
+    }
     if cold is not None and np.asarray(cold).any():
         arrays["cold"] = np.asarray(cold, dtype=bool)[targets.items]
     np.savez_compressed(path, **arrays)
@@ -129,8 +138,10 @@ def evaluate_ranks(setup: Any) -> tuple[np.ndarray, dict[str, Any], str]:
     targets = eval_targets(setup.split, "test", cfg.eval.exclude_history, cfg.eval.max_users)
     users = embed_users(setup, targets.positions, cfg.eval.batch_size)
     ranks = _ranks(users, embed_items(setup), targets, cfg)
-    metrics = segment_metrics(ranks, targets.items, setup.dataset.catalog.cold, cfg.eval.ks)
-    save_ranks(run_dir(cfg) / RANKS_FILE, ranks, targets, setup.dataset.catalog.cold)
+    cold = setup.dataset.catalog.cold
+    buckets = split_buckets(setup.split, len(setup.dataset.catalog.items), cold)
+    metrics = segment_metrics(ranks, targets.items, cold, cfg.eval.ks, buckets)
+    save_ranks(run_dir(cfg) / RANKS_FILE, ranks, targets, cold, buckets)
     protocol = protocol_for(cfg, setup.dataset, "test", targets.n_users)
     return ranks.numpy(), metrics, protocol
 
@@ -165,6 +176,8 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
         "train_wall_s": time.perf_counter() - started,
         "train_cpu_s": time.process_time() - cpu_started,  # not counting time paused (SIGSTOP) or waiting
         "train_seconds": train_result["train_seconds"],
+        "train_loop_cpu_s": train_result["train_cpu_seconds"],  # the training loop only (no setup, no validation)
+        "targets": train_result["targets"],
     }
     with (run / RUN_WALL_LOG).open("a") as fh:
         fh.write(json.dumps(timing) + "\n")
@@ -205,6 +218,10 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
             # CPU seconds per optimizer step over the invocations that logged both (None for runs
             # recorded before CPU time was logged): immune to the job being paused or preempted.
             "train_cpu_per_step": _cpu_per_step(walls),
+            # CPU seconds of the training loops (what SASRec's equal-CPU budget is matched to); None
+            # for runs recorded before it was logged.
+            "train_cpu": _sum_key(walls, "train_loop_cpu_s"),
+            "targets": _sum_key(walls, "targets"),
             "evaluate": eval_seconds,
             "diagnose": diagnose_seconds,
             "export": export_summary["seconds"] if export_summary else 0.0,
@@ -241,6 +258,10 @@ def refresh_diagnostics(config: KarmaConfig, diagnose_users: int) -> None:
     write_json(run / RUN_RESULT, result)
 
 
+def _sum_key(walls: list[dict[str, Any]], key: str) -> float | None:
+    return sum(w[key] for w in walls) if walls and all(key in w for w in walls) else None
+
+
 def _cpu_per_step(walls: list[dict[str, Any]]) -> float | None:
     timed = [w for w in walls if "train_cpu_s" in w and w.get("steps")]
     return sum(w["train_cpu_s"] for w in timed) / sum(w["steps"] for w in timed) if timed else None
@@ -264,16 +285,28 @@ def _export(checkpoint: Path, bundle: Path) -> dict[str, Any]:
 
 
 def execute_baseline(
-    name: str, config: KarmaConfig, out_dir: Path, sasrec: dict[str, Any], seed: int, progress: bool = True
+    name: str,
+    config: KarmaConfig,
+    out_dir: Path,
+    sasrec: dict[str, Any],
+    seed: int,
+    progress: bool = True,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Train/evaluate one reference model on the study's data and protocol; cached like a run."""
-    from training.baselines import baseline_embeddings
+    """Train/evaluate one reference model on the study's data and protocol; cached like a run.
+
+    `label` names its files when one baseline runs twice with other settings (SASRec converged and
+    SASRec under a training-CPU budget: `sasrec-cpu`).
+    """
+    from training.baselines import baseline_embeddings, sasrec_item_embeddings, sasrec_user_embeddings, train_sasrec
     from training.baselines.sasrec import SASRecConfig
     from training.data.registry import load_dataset
     from training.data.split import split_dataset
+    from training.setup import pick_device
 
+    label = label or name
     current = baseline_signature(config, name, sasrec)
-    done = out_dir / f"{name}.json"
+    done = out_dir / f"{label}.json"
     if (result := finished_record(done, current)) is not None:
         return result
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,25 +316,51 @@ def execute_baseline(
     ev = config.eval
     targets = eval_targets(split, "test", ev.exclude_history, ev.max_users)
     sasrec_cfg = SASRecConfig(**{"seed": seed, **sasrec})
-    from training.setup import pick_device
-
     device = pick_device(config.train.device)  # SASRec trains where the study's runs do
-    users, items = baseline_embeddings(name, dataset, split, config, targets, sasrec_cfg, device, progress)
+    training: dict[str, Any] = {}
+    if name == "sasrec":
+        model = train_sasrec(dataset, split, sasrec_cfg, device=device, progress=progress)
+        users, items = sasrec_user_embeddings(model, dataset, split, targets.positions), sasrec_item_embeddings(model)
+        log_ = model.train_log  # type: ignore[attr-defined]
+        training = {
+            "train_cpu": log_[-1]["train_cpu_seconds"] if log_ else 0.0,  # validation not counted
+            "epochs": len(log_),
+            "best_epoch": model.best_epoch,  # type: ignore[attr-defined]
+        }
+    else:
+        users, items = baseline_embeddings(name, dataset, split, config, targets, sasrec_cfg, device, progress)
     ranks = _ranks(users, items, targets, config)
-    save_ranks(out_dir / f"{name}_{RANKS_FILE}", ranks, targets, dataset.catalog.cold)
+    buckets = split_buckets(split, len(dataset.catalog.items), dataset.catalog.cold)
+    save_ranks(out_dir / f"{label}_{RANKS_FILE}", ranks, targets, dataset.catalog.cold, buckets)
     window = sasrec_cfg.max_len if name == "sasrec" else True
     protocol = protocol_for(config, dataset, "test", targets.n_users, model_input=window)
     result = {
         "baseline": name,
+        "label": label,
         "signature": current,
         "protocol": protocol,
-        "metrics": segment_metrics(ranks, targets.items, dataset.catalog.cold, ev.ks),
+        "metrics": segment_metrics(ranks, targets.items, dataset.catalog.cold, ev.ks, buckets),
         "settings": _settings(name, config, sasrec_cfg),
+        "training": training,
         "seconds": time.perf_counter() - t0,
         "machine": machine(),
     }
     write_json(done, result)
     return result
+
+
+def sasrec_cpu_settings(study: StudyConfig, extra: Sequence[str] = ()) -> dict[str, Any] | None:
+    """SASRec's settings under the CPU budget of `sasrec_cpu_match`'s first-seed run (None until that run is done)."""
+    if study.sasrec_cpu_match is None:
+        return None
+    from training.trainer import run_dir
+
+    config = study.run_config(study.sasrec_cpu_match, study.seeds[0], extra)
+    record = finished_record(run_dir(config) / RUN_RESULT, signature(config))
+    cpu = (record or {}).get("seconds", {}).get("train_cpu")
+    if cpu is None:
+        return None
+    return {**study.sasrec, "max_cpu_seconds": round(float(cpu), 1)}
 
 
 def _settings(name: str, config: KarmaConfig, sasrec_cfg: Any) -> dict[str, Any]:

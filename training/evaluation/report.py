@@ -16,9 +16,10 @@ from rich.table import Table
 
 from karma.jsonable import to_jsonable
 from training.evaluation.metrics import ArrayLike, metric_names, metrics_from_ranks, rank_targets
+from training.evaluation.popularity import BUCKETS
 from training.evaluation.protocol import EvalTargets
 
-SEGMENTS = ("all", "warm", "cold")
+SEGMENTS = ("all", "warm", "cold", *BUCKETS)
 
 
 def evaluate_embeddings(
@@ -49,14 +50,27 @@ def evaluate_embeddings(
 
 
 def segment_metrics(
-    ranks: torch.Tensor, target_items: np.ndarray, cold_mask: np.ndarray | None, ks: Sequence[int]
+    ranks: torch.Tensor,
+    target_items: np.ndarray,
+    cold_mask: np.ndarray | None,
+    ks: Sequence[int],
+    item_buckets: np.ndarray | None = None,
 ) -> dict[str, dict[str, float]]:
-    """{"all": ..., ["warm": ..., "cold": ...]} metrics from precomputed ranks."""
+    """{"all": ..., ["warm": ..., "cold": ...], ["head": ..., "torso": ..., "tail": ...]} from ranks.
+
+    `item_buckets` (from `training.evaluation.popularity`) adds one segment per popularity bucket
+    of the target item; cold targets belong to none of them.
+    """
+    ranks = torch.as_tensor(ranks)
     results = {"all": metrics_from_ranks(ranks, ks)}
     if cold_mask is not None and np.asarray(cold_mask).any():
         is_cold = torch.from_numpy(np.asarray(cold_mask, dtype=bool)[np.asarray(target_items)])
         results["warm"] = metrics_from_ranks(ranks[~is_cold], ks)
         results["cold"] = metrics_from_ranks(ranks[is_cold], ks)
+    if item_buckets is not None:
+        of_target = np.asarray(item_buckets)[np.asarray(target_items)]
+        for b, name in enumerate(BUCKETS):
+            results[name] = metrics_from_ranks(ranks[torch.from_numpy(of_target == b)], ks)
     return results
 
 
