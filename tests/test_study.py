@@ -50,7 +50,7 @@ def test_every_run_and_baseline_is_reported(smoke) -> None:
     assert "served graphs identical" in report
     assert "| before the action stage | `action-only` | `recon` | reference |" in report
     assert "full ranking over all 1000 catalog items" in report
-    for figure in ("hr_at_k.png", "training_curves.png", "attention_by_layer.png", "attention_maps.png"):
+    for figure in ("hr_at_k.png", "training_curves.png", "attention_by_layer.png", "attention_maps.png", "deltas.png"):
         path = study.report_path / figure
         assert path.stat().st_size > 10_000, figure
         assert f"]({figure})" in report

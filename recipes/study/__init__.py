@@ -23,7 +23,15 @@ import numpy as np
 from karma.errors import KarmaError
 from recipes.study.aggregate import METRIC_KEYS, paired_deltas, preset_table
 from recipes.study.config import REFERENCE_PRESET, SASREC_CPU, StudyConfig, load_study
-from recipes.study.figures import CURVES_FIGURE, HR_FIGURE, plot_diagnostics, plot_hr_at_k, plot_training_curves
+from recipes.study.figures import (
+    CURVES_FIGURE,
+    DELTAS_FIGURE,
+    HR_FIGURE,
+    plot_deltas,
+    plot_diagnostics,
+    plot_hr_at_k,
+    plot_training_curves,
+)
 from recipes.study.intervals import (
     ARCHIVE,
     INTERVAL_RULE,
@@ -60,6 +68,7 @@ RESULTS_JSON = "results.json"
 COMPARE_FILE = "compare.json"
 MAP_PRESETS = ("action-only", "recon", "karma")  # drawn side by side in the attention-map figure
 REDRAW_AFTER_S = 60.0
+DELTA_METRIC = "HR@200"  # the paper's headline metric: the forest plot's
 
 
 def run_study(
@@ -200,8 +209,12 @@ def build_report(
     protocol = next(iter(runs.values()))["protocol"] if runs else next(iter(baselines.values()), {}).get("protocol", "")
     previous = out_dir / RESULTS_JSON
     drawn = json.loads(previous.read_text()).get("figures", {}) if previous.exists() else {}
+    intervals = _intervals(study, runs, folders, baselines)
     if figures:  # a figure with nothing on disk to draw from (adopted runs only) keeps its last PNG
         drawn.update(_draw_figures(study, runs, folders, baselines, protocol, reference))
+        title = f"{study.title or study.name}: paired Δ{DELTA_METRIC} against action-only, test split"
+        if plot_deltas(intervals.get("deltas") or {}, out_dir / DELTAS_FIGURE, DELTA_METRIC, title):
+            drawn[DELTAS_FIGURE] = {"metric": DELTA_METRIC}
     results = {
         "study": study.model_dump(mode="json"),
         "command": command or _command(study, extra),
@@ -215,7 +228,7 @@ def build_report(
         "presets": {p: preset_table(by_preset[p]) for p in study.presets if p in by_preset},
         "baselines": baselines,
         "deltas": paired_deltas(by_preset),
-        "intervals": _intervals(study, runs, folders, baselines),
+        "intervals": intervals,
         "diagnostics_reference": next(iter(runs.values()))["diagnostics"]["reference"] if runs else {},
         "compare": _compare(study, folders),
         "figures": drawn,

@@ -219,3 +219,48 @@ def plot_diagnostics(diagnostics: Sequence, maps_models: Sequence, out_dir: Path
     if maps_models:
         figures[MAPS_FIGURE] = plot_attention_maps(maps_models, out_dir / MAPS_FIGURE)
     return figures
+
+
+DELTAS_FIGURE = "deltas.png"
+DELTA_SEGMENTS = ("all", "warm", "cold", "head", "torso", "tail")
+
+
+def deltas_figure(deltas: Mapping[str, Mapping[str, Any]], metric: str, title: str) -> Figure | None:
+    """Forest plot: one row per segment, one marker per preset, Δmetric vs action-only with its 95% interval."""
+    presets = list(deltas)
+    segments = [s for s in DELTA_SEGMENTS if any(s in deltas[p] for p in presets)]
+    if not presets or not segments:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(segments) * max(2, len(presets)) / 2 + 1.6), layout="constrained")
+    height = 0.8 / len(presets)
+    for i, preset in enumerate(presets):
+        marker, _ = STYLES[(i + 1) % len(STYLES)]  # slot 0 is action-only's elsewhere in the report
+        colour = COLOURS[(i + 1) % len(COLOURS)]
+        ys, xs, lo, hi = [], [], [], []
+        for j, seg in enumerate(segments):
+            entry = deltas[preset].get(seg, {}).get(metric)
+            if not entry or entry.get("mean") is None:
+                continue
+            ys.append(len(segments) - 1 - j + 0.4 - (i + 0.5) * height)
+            xs.append(100 * entry["mean"])
+            lo.append(100 * (entry["mean"] - entry["lo"]))
+            hi.append(100 * (entry["hi"] - entry["mean"]))
+        if xs:
+            seeds = len(next(iter(deltas[preset].values()))[metric].get("paired_seeds", []))
+            ax.errorbar(xs, ys, xerr=[lo, hi], fmt=marker, color=colour, capsize=3, label=f"{preset} ({seeds} seeds)")
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(segments)), [s if s == "all" else f"{s} targets" for s in reversed(segments)])
+    ax.set_xlabel(f"Δ{metric} vs action-only, points (×100), 95% bootstrap interval over seeds and users")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="preset", title_fontsize=8)
+    return fig
+
+
+def plot_deltas(deltas: Mapping[str, Mapping[str, Any]], out_path: Path, metric: str, title: str) -> bool:
+    """Save `deltas_figure`; False when there is nothing to draw."""
+    fig = deltas_figure(deltas, metric, title)
+    if fig is None:
+        return False
+    save_figure(fig, out_path)
+    return True

@@ -17,6 +17,7 @@ report marks such rows.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,8 +80,8 @@ class Bootstrap:
         rng = np.random.default_rng(seed)
         self.n_users, self.n_boot = n_users, n_boot
         self.user_weights = rng.multinomial(n_users, np.full(n_users, 1.0 / n_users), size=n_boot).astype(np.float64)
-        self._rng = rng
         self._seed_draws: dict[int, np.ndarray] = {}
+        self._weights: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # per segment: (weights, their row sums)
 
     def seed_draws(self, n_seeds: int) -> np.ndarray:
         """(n_boot, n_seeds) seed indices drawn with replacement; fixed per seed count."""
@@ -96,8 +97,12 @@ class Bootstrap:
         n_seeds, users = values.shape[0], int(mask.sum())
         if users == 0:
             return {"mean": None, "lo": None, "hi": None, "p_le_0": None, "seeds": n_seeds, "users": 0}
-        w = self.user_weights[:, mask]
-        per_seed = (w @ values[:, mask].T) / np.maximum(w.sum(axis=1, keepdims=True), 1.0)  # (boot, seeds)
+        key = hashlib.sha1(np.packbits(mask).tobytes()).digest()
+        if key not in self._weights:  # a segment's columns are sliced once, not once per model and metric
+            w = self.user_weights[:, mask]
+            self._weights[key] = (w, np.maximum(w.sum(axis=1, keepdims=True), 1.0))
+        w, total = self._weights[key]
+        per_seed = (w @ values[:, mask].T) / total  # (boot, seeds)
         replicates = np.take_along_axis(per_seed, self.seed_draws(n_seeds), axis=1).mean(axis=1)
         lo, hi = np.quantile(replicates, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
         return {

@@ -12,7 +12,7 @@ from typing import Any
 
 from recipes.study.aggregate import METRIC_KEYS
 from recipes.study.config import REFERENCE_PRESET, SASREC_CPU, StudyConfig
-from recipes.study.figures import CURVES_FIGURE, HR_FIGURE, LAYERS_FIGURE, MAPS_FIGURE
+from recipes.study.figures import CURVES_FIGURE, DELTAS_FIGURE, HR_FIGURE, LAYERS_FIGURE, MAPS_FIGURE
 from recipes.study.runs import ADOPTED_KEY
 from training.diagnostics import METRIC_LABELS
 from training.evaluation.popularity import BUCKET_RULE
@@ -133,7 +133,7 @@ def render(study: StudyConfig, results: Mapping[str, Any]) -> str:
         lines += _interval_delta_table(study, intervals)
     if intervals.get("vs_sasrec_cpu"):
         lines += _sasrec_cpu_table(study, presets, baselines, intervals)
-    lines += _delta_table(study, results["deltas"])
+    lines += _delta_table(study, results["deltas"], seed_by_seed=bool(intervals.get("deltas")))
     lines += _diagnostics_table(
         study, presets, results.get("diagnostics_reference") or {}, results.get("warmup_reference")
     )
@@ -308,8 +308,12 @@ def _warm_cold_table(study: StudyConfig, presets: Mapping[str, Any], baselines: 
     return [*lines, ""]
 
 
-def _delta_table(study: StudyConfig, deltas: Mapping[str, Any]) -> list[str]:
-    lines = [f"## Against `{REFERENCE_PRESET}` (paired by seed)", "", PAPER, ""]
+def _delta_table(study: StudyConfig, deltas: Mapping[str, Any], seed_by_seed: bool = False) -> list[str]:
+    """Per-seed deltas, mean ± std; after the interval table (`seed_by_seed`) it is the seed spread view."""
+    if seed_by_seed:
+        lines = [f"## Against `{REFERENCE_PRESET}`, seed by seed (spread of the per-seed deltas)", ""]
+    else:
+        lines = [f"## Against `{REFERENCE_PRESET}` (paired by seed)", "", PAPER, ""]
     if not deltas:
         return [*lines, f"(no preset has a finished run paired with a finished `{REFERENCE_PRESET}` run yet)", ""]
     keys = ("HR@10", "HR@200", "NDCG@10", "MRR")
@@ -427,6 +431,7 @@ def _cost_section(results: Mapping[str, Any]) -> list[str]:
 def _figures(results: Mapping[str, Any]) -> list[str]:
     figures = results.get("figures", {})
     captions = {
+        DELTAS_FIGURE: "paired ΔHR@200 against action-only per segment, 95% intervals",
         HR_FIGURE: "HR@K curves of every preset and baseline",
         CURVES_FIGURE: "training curves (first seed of every preset)",
         LAYERS_FIGURE: "attention-sink metrics per layer (first seed of every preset)",
