@@ -247,7 +247,7 @@ def deltas_figure(deltas: Mapping[str, Mapping[str, Any]], metric: str, title: s
             hi.append(100 * (entry["hi"] - entry["mean"]))
         if xs:
             seeds = len(next(iter(deltas[preset].values()))[metric].get("paired_seeds", []))
-            ax.errorbar(xs, ys, xerr=[lo, hi], fmt=marker, color=colour, capsize=3, label=f"{preset} ({seeds} seeds)")
+            ax.errorbar(xs, ys, xerr=[lo, hi], fmt=marker, color=colour, capsize=3, label=_seeds_label(preset, seeds))
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(segments)), [s if s == "all" else f"{s} targets" for s in reversed(segments)])
     ax.set_xlabel(f"Δ{metric} vs action-only, points (×100), 95% bootstrap interval over seeds and users")
@@ -255,6 +255,10 @@ def deltas_figure(deltas: Mapping[str, Mapping[str, Any]], metric: str, title: s
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="preset", title_fontsize=8)
     return fig
+
+
+def _seeds_label(preset: str, seeds: int) -> str:
+    return f"{preset} ({seeds} seeds)" if seeds > 1 else f"{preset} (1 seed: interval over users only)"
 
 
 def plot_deltas(deltas: Mapping[str, Mapping[str, Any]], out_path: Path, metric: str, title: str) -> bool:
