@@ -253,7 +253,7 @@ def deltas_figure(deltas: Mapping[str, Mapping[str, Any]], metric: str, title: s
     ax.set_xlabel(f"Δ{metric} vs action-only, points (×100), 95% bootstrap interval over seeds and users")
     ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="preset", title_fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8, title="preset", title_fontsize=8)
     return fig
 
 

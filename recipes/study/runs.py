@@ -200,6 +200,7 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
 
     export_summary = _export(checkpoint, run / BUNDLE_DIR) if export else None
     walls = [json.loads(line) for line in (run / RUN_WALL_LOG).read_text().splitlines() if line.strip()]
+    total_steps = config.train.semantic_warmup_steps + config.train.steps
     result = {
         "run": config.train.run_name,
         "preset": config.loss.preset,
@@ -220,8 +221,8 @@ def execute_run(config: KarmaConfig, diagnose_users: int, export: bool, progress
             "train_cpu_per_step": _cpu_per_step(walls),
             # CPU seconds of the training loops (what SASRec's equal-CPU budget is matched to); None
             # for runs recorded before it was logged.
-            "train_cpu": _sum_key(walls, "train_loop_cpu_s"),
-            "targets": _sum_key(walls, "targets"),
+            "train_cpu": logged_total(walls, "train_loop_cpu_s", total_steps),
+            "targets": logged_total(walls, "targets", total_steps),
             "evaluate": eval_seconds,
             "diagnose": diagnose_seconds,
             "export": export_summary["seconds"] if export_summary else 0.0,
@@ -258,8 +259,14 @@ def refresh_diagnostics(config: KarmaConfig, diagnose_users: int) -> None:
     write_json(run / RUN_RESULT, result)
 
 
-def _sum_key(walls: list[dict[str, Any]], key: str) -> float | None:
-    return sum(w[key] for w in walls) if walls and all(key in w for w in walls) else None
+def logged_total(walls: list[dict[str, Any]], key: str, total_steps: int) -> float | None:
+    """Sum of `key` over the logged invocations, scaled up to `total_steps` when some steps were
+    trained by an invocation that was killed (it logs nothing): exact for a run never interrupted,
+    an estimate at the logged invocations' rate otherwise. None when an invocation predates `key`."""
+    if not walls or not all(key in w for w in walls):
+        return None
+    logged = sum(w["steps"] for w in walls)
+    return sum(w[key] for w in walls) * (total_steps / logged if 0 < logged < total_steps else 1.0)
 
 
 def _cpu_per_step(walls: list[dict[str, Any]]) -> float | None:
