@@ -24,7 +24,8 @@ import torch
 from bench.report import save_report
 from karma.machine import machine
 from recipes.study import load_study
-from training.evaluation import eval_targets, rank_targets
+from recipes.study.runs import RANKS_FILE
+from training.evaluation import eval_targets
 from training.setup import build_setup, embed_items, embed_users
 from training.trainer import CHECKPOINT_DIR, run_dir
 
@@ -52,7 +53,10 @@ def cold_bias(study_path: Path, runs: list[str] | None, k: int) -> dict[str, Any
         top = torch.topk(scores, k, dim=1).indices.numpy()
         cold_target = cold[targets.items]
         share = cold[top].mean(axis=1)
-        ranks = rank_targets(users, items, targets.items, targets.exclude_offsets, targets.exclude_items).numpy()
+        saved = np.load(run_dir(config) / RANKS_FILE)  # the ranks the study reported (history excluded)
+        if not np.array_equal(saved["target_items"], targets.items):
+            raise SystemExit(f"{name}: {RANKS_FILE} ranks other targets than the study's test split")
+        ranks = saved["ranks"]
         target_scores = scores[torch.arange(len(scores)), torch.from_numpy(np.asarray(targets.items))]
         among_cold = (scores[:, torch.from_numpy(cold)] >= target_scores[:, None]).sum(dim=1).numpy() - 1
         s = scores.numpy()

@@ -271,10 +271,9 @@ def _intervals(
         "deltas": {},
         "vs_sasrec_cpu": {},
     }
-    if REFERENCE_PRESET in finished:
+    if (reference := finished.get(REFERENCE_PRESET)) is not None:
         for preset in study.presets:
             if preset != REFERENCE_PRESET and preset in finished:
-                reference = finished[REFERENCE_PRESET]
                 out["deltas"][preset] = paired_intervals(boot, finished[preset], reference, METRIC_KEYS)
     if SASREC_CPU in finished:
         for preset in study.headline:

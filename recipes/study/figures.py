@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from recipes.study.aggregate import hr_curve
 from training.diagnostics.plots import COLOURS, STYLES, plot_attention_by_layer, plot_attention_maps
+from training.evaluation.report import SEGMENTS
 from training.plots import (
     IMG_LOSSES,
     TERM_TITLES,
@@ -222,13 +223,12 @@ def plot_diagnostics(diagnostics: Sequence, maps_models: Sequence, out_dir: Path
 
 
 DELTAS_FIGURE = "deltas.png"
-DELTA_SEGMENTS = ("all", "warm", "cold", "head", "torso", "tail")
 
 
 def deltas_figure(deltas: Mapping[str, Mapping[str, Any]], metric: str, title: str) -> Figure | None:
     """Forest plot: one row per segment, one marker per preset, Δmetric vs action-only with its 95% interval."""
     presets = list(deltas)
-    segments = [s for s in DELTA_SEGMENTS if any(s in deltas[p] for p in presets)]
+    segments = [s for s in SEGMENTS if any(s in deltas[p] for p in presets)]
     if not presets or not segments:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(segments) * max(2, len(presets)) / 2 + 1.6), layout="constrained")

@@ -18,7 +18,7 @@ report marks such rows.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,6 @@ INTERVAL_RULE = (
     "users with replacement (one user draw shared by every model); paired deltas resample per-user differences "
     "on the same seed"
 )
-SEGMENTS = ("all", "warm", "cold", *BUCKETS)
 
 
 @dataclass(frozen=True)
@@ -115,13 +114,21 @@ class Bootstrap:
         }
 
 
+def _segment_intervals(
+    boot: Bootstrap,
+    masks: Mapping[str, np.ndarray],
+    values_of: Callable[[str], np.ndarray],
+    metrics: Sequence[str],
+    **extra: Any,
+) -> dict[str, dict[str, Any]]:
+    """segment -> metric -> interval of `values_of(metric)` (seeds, users) over the segment's users."""
+    values = {k: values_of(k) for k in metrics}  # per metric once, not once per segment
+    return {seg: {k: {**boot.interval(values[k], mask), **extra} for k in metrics} for seg, mask in masks.items()}
+
+
 def model_intervals(boot: Bootstrap, runs: RankRuns, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
     """segment -> metric -> interval of one model's metric."""
-    return {
-        seg: {k: boot.interval(per_user(runs.ranks, k), mask) for k in metrics}
-        for seg, mask in runs.masks.items()
-        if seg in SEGMENTS
-    }
+    return _segment_intervals(boot, runs.masks, lambda k: per_user(runs.ranks, k), metrics)
 
 
 def paired_intervals(
@@ -133,14 +140,7 @@ def paired_intervals(
         return None
     a = runs.ranks[[runs.seeds.index(s) for s in shared]]
     b = reference.ranks[[reference.seeds.index(s) for s in shared]]
-    out = {}
-    for seg, mask in runs.masks.items():
-        if seg not in SEGMENTS:
-            continue
-        out[seg] = {
-            k: {**boot.interval(per_user(a, k) - per_user(b, k), mask), "paired_seeds": shared} for k in metrics
-        }
-    return out
+    return _segment_intervals(boot, runs.masks, lambda k: per_user(a, k) - per_user(b, k), metrics, paired_seeds=shared)
 
 
 def against_one(boot: Bootstrap, runs: RankRuns, other: RankRuns, metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -150,11 +150,7 @@ def against_one(boot: Bootstrap, runs: RankRuns, other: RankRuns, metrics: Seque
     this model's seed spread and the users, not the other model's seed spread.
     """
     b = other.ranks[:1]
-    return {
-        seg: {k: boot.interval(per_user(runs.ranks, k) - per_user(b, k), mask) for k in metrics}
-        for seg, mask in runs.masks.items()
-        if seg in SEGMENTS
-    }
+    return _segment_intervals(boot, runs.masks, lambda k: per_user(runs.ranks, k) - per_user(b, k), metrics)
 
 
 ARCHIVE = "ranks.npz"  # in the report folder: every model's test ranks, so intervals regenerate without artifacts

@@ -16,6 +16,7 @@ from recipes.study.figures import CURVES_FIGURE, DELTAS_FIGURE, HR_FIGURE, LAYER
 from recipes.study.runs import ADOPTED_KEY
 from training.diagnostics import METRIC_LABELS
 from training.evaluation.popularity import BUCKET_RULE
+from training.evaluation.report import SEGMENTS
 
 PAPER = (
     "The paper (KARMA, arXiv 2603.22779, Taobao) reports, against action-only training, +19.19 HR@200 from "
@@ -156,7 +157,7 @@ SEGMENT_TITLES = {
     "tail": "tail targets (the long rest, last third of training clicks and never-clicked warm items)",
 }
 HEADLINE_KEYS = ("HR@10", "HR@50", "HR@200", "NDCG@10", "NDCG@50", "NDCG@200")
-SEGMENT_DELTA = ("warm", "cold", "head", "torso", "tail")
+SEGMENT_DELTA = SEGMENTS[1:]  # the delta table's per-segment columns (all = its own columns)
 
 
 def ci(entry: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 4, signed: bool = False) -> str:
@@ -193,7 +194,7 @@ def _interval_tables(
         "",
     ]
     rows = [(k, label) for k, label in _model_rows(study, presets, baselines) if k in models]
-    segments = [seg for seg in SEGMENT_TITLES if any(seg in models[k] for k, _ in rows)]
+    segments = [seg for seg in SEGMENTS if any(seg in models[k] for k, _ in rows)]
     for seg in segments:
         counts = sorted({models[k][seg]["HR@10"]["users"] for k, _ in rows if seg in models[k]})
         lines += [f"### {SEGMENT_TITLES[seg]} ({'/'.join(map(str, counts))} users)", ""]

@@ -22,7 +22,11 @@ BUCKET_RULE = "warm items by training-target clicks, each bucket ~1/3 of those c
 
 
 def training_clicks(split: Split, n_items: int) -> np.ndarray:
-    """(n_items,) int64: how often each item is a training target (validation/test events excluded)."""
+    """(n_items,) int64: how often each item is a training target (validation/test events excluded).
+
+    What the towers are trained to predict; `training.baselines.popularity_counts` also counts each
+    user's first event (history only, never a target), which ranks most-popular but buckets nothing.
+    """
     return np.bincount(split.seq_items[split.train_pos], minlength=n_items).astype(np.int64)
 
 
